@@ -1,0 +1,31 @@
+# Every target sets up .venv itself. torch/torchvision are pinned: pip takes exactly these from local disk.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST ?= -q
+
+.PHONY: install test test-slow demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[onnx,plots,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest $(PYTEST) -m slow
+
+demo: $(STAMP)
+	$(VENV)/bin/sgs-fx demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py --quick
+	$(PY) benchmarks/mi_speed.py --quick
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

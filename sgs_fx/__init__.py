@@ -1,0 +1,13 @@
+"""sgs_fx: Spatial Gradient Scaling (Detkov et al., ICLR 2023) as a torch.fx pass for any PyTorch model.
+
+    model = sgs_fx.transform(model)              # every selected conv scales its weight gradient by S
+    sched = sgs_fx.MIScheduler(model, loader)    # S from the mutual information of each conv's input
+    plain = sgs_fx.strip(model)                  # a plain model again, same state_dict keys
+    sgs_fx.export_onnx(plain, "model.onnx", x)   # checked with onnxruntime
+"""
+from .ops import scale_grad
+from .passes.instrument import get_scales, instrumented, set_scales, transform
+from .passes.strip import strip
+
+__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad"]
+__version__ = "0.1.0"

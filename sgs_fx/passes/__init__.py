@@ -1,0 +1,1 @@
+"""Graph passes: find conv call sites, instrument them, fold branches, strip instrumentation."""

@@ -1,0 +1,36 @@
+"""Which modules count as convs, which are selected by default, and how to reach them in a wrapped model."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def is_plain_conv(m: nn.Module) -> bool:
+    """A forward (not transposed) ``nn.Conv1d/2d/3d`` or subclass; the paper defines no pairing for transposed convs."""
+    return isinstance(m, _ConvNd) and not m.transposed
+
+
+def default_filter(name: str, m: nn.Module) -> bool:
+    """The paper's selection: every conv all of whose spatial kernel dims are > 1.
+
+    1xK / Kx1 convs are left alone (a user ``filter_fn`` may select them: S then has shape (1, K));
+    1x1 convs would get S = [[1]], a no-op; even kernels (2x2, 4x4 patch stems) are selected.
+    """
+    return is_plain_conv(m) and all(k > 1 for k in m.kernel_size)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+            getattr(model, "module", None), nn.Module
+        ):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,79 @@
+"""Find conv call sites with torch.fx, convs (and instrumented convs) kept as leaves.
+
+Tracing can fail on data-dependent control flow (detection models, for instance). The pass then falls
+back to a walk over ``named_modules()``; instrumentation is local to each conv module, so coverage of
+conv *modules* stays complete. Only functional ``F.conv*d`` calls need the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
+
+_FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+@dataclass
+class CallSites:
+    """What one trace (or the fallback) learned about a model's convs.
+
+    Attributes:
+        traced: the fx trace succeeded.
+        order: qualified names of conv modules in the order of their first call.
+        functional: ``F.conv*d`` calls whose weight is a parameter, as "owner.param" strings.
+        error: why tracing failed, if it did.
+    """
+
+    traced: bool
+    order: list[str] = field(default_factory=list)
+    functional: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class _ConvLeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # Never trace into a conv: tracing through the scaling autograd function would drop it silently.
+        return isinstance(m, _ConvNd) or getattr(m, "_sgs_leaf", False) or super().is_leaf_module(m, qualname)
+
+
+def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) -> CallSites:
+    """Trace ``model`` and list its conv call sites; fall back to running ``example_inputs`` if given."""
+    try:
+        graph = _ConvLeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
+        sites = CallSites(traced=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        if example_inputs is not None:
+            sites.order = _order_by_running(model, example_inputs)
+        return sites
+    modules = dict(model.named_modules())
+    sites = CallSites(traced=True)
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), _ConvNd):
+            if node.target not in sites.order:
+                sites.order.append(node.target)
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                sites.functional.append(weight.target)
+    return sites
+
+
+def _order_by_running(model: nn.Module, example_inputs: tuple) -> list[str]:
+    order: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, _ConvNd):
+            handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))

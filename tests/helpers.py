@@ -1,0 +1,90 @@
+"""Small models and helpers shared by the tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm-style 'SAME' padding conv: pads dynamically in its own forward."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm-style weight-standardised conv: normalises its weight in its own forward."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class TinyNet(nn.Module):
+    """Every conv flavour the pass must cover, in one 2-D model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="reflect")
+        self.grouped = nn.Conv2d(8, 8, (3, 5), padding=(1, 2), groups=2, padding_mode="circular")
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="replicate")
+        self.same = Conv2dSame(8, 8, 3, stride=2)
+        self.std = StdConv2d(8, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 8, 1)
+        self.row = nn.Conv2d(8, 8, (1, 3), padding=(0, 1))
+        self.even = nn.Conv2d(8, 8, 2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.strided(x))
+        x = self.dilated(x) + x
+        x = self.grouped(x)
+        x = self.depthwise(x)
+        x = self.same(x)
+        x = self.std(x)
+        x = self.row(self.point(x))
+        x = self.even(x)
+        return self.fc(x.mean((2, 3)))
+
+
+DEFAULT_SELECTED = ["stem", "strided", "dilated", "grouped", "depthwise", "same", "std", "even"]
+
+
+class Dynamic(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.unused = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() > -1e30:  # always true, but data-dependent
+            x = self.b(x)
+        return x
+
+
+def random_scales(model, generator=None, dtype=torch.float64):
+    import sgs_fx
+
+    return {n: torch.rand(tuple(m.kernel_size), generator=generator, dtype=dtype) + 0.2
+            for n, m in sgs_fx.instrumented(model).items()}
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

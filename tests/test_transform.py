@@ -1,0 +1,151 @@
+"""The core pass: transform / instrumented / get_scales / set_scales / strip (DESIGN.md, spec §1)."""
+import copy
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sgs_fx
+from helpers import DEFAULT_SELECTED, Dynamic, TinyNet, random_scales, state_equal
+from sgs_fx.ops import SGSConv2d
+
+
+def test_forward_identical_and_names_kept():
+    model = TinyNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    sgs = sgs_fx.transform(model, scales=None)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), sgs(x))
+    assert list(sgs_fx.instrumented(sgs)) == DEFAULT_SELECTED  # forward order
+    assert sgs.state_dict().keys() == model.state_dict().keys()
+    assert type(sgs) is TinyNet and isinstance(sgs.same, nn.Conv2d)
+    # the input model is untouched
+    assert state_equal(model.state_dict(), before)
+    assert not any(hasattr(m, "sgs_scale") for m in model.modules())
+
+
+def test_inplace_keeps_parameter_objects():
+    model = TinyNet()
+    params = {n: p for n, p in model.named_parameters()}
+    out = sgs_fx.transform(model, inplace=True)
+    assert out is model
+    assert all(p is params[n] for n, p in out.named_parameters())
+    assert type(model.stem) is SGSConv2d
+
+
+def test_state_dict_loads_strict_both_ways():
+    plain, sgs = TinyNet(), sgs_fx.transform(TinyNet())
+    sgs.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(sgs.state_dict(), strict=True)
+    stripped = sgs_fx.strip(sgs)
+    assert state_equal(stripped.state_dict(), plain.state_dict())
+    assert not any(hasattr(m, "sgs_scale") for m in stripped.modules())
+    assert type(stripped.stem) is nn.Conv2d and type(stripped.same).__name__ == "Conv2dSame"
+
+
+def test_filter_fn_replaces_default():
+    sgs = sgs_fx.transform(TinyNet(), filter_fn=lambda n, m: n in ("row", "point"))
+    scales = sgs_fx.get_scales(sgs)
+    assert list(scales) == ["point", "row"]
+    assert scales["row"].shape == (1, 3) and scales["point"].shape == (1, 1)
+
+
+def test_get_set_scales_validate_and_renormalise():
+    sgs = sgs_fx.transform(TinyNet())
+    sgs_fx.set_scales(sgs, {"stem": torch.full((3, 3), 2.0)})
+    assert torch.equal(sgs_fx.get_scales(sgs)["stem"], torch.ones(3, 3))
+    s = torch.arange(1.0, 16.0).reshape(3, 5)
+    sgs_fx.set_scales(sgs, {"grouped": s})
+    assert torch.allclose(sgs_fx.get_scales(sgs)["grouped"], s / s.mean())
+    with pytest.raises(ValueError, match=r"'stem'.*shape \(2, 2\).*\(3, 3\)"):
+        sgs_fx.set_scales(sgs, {"stem": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="'stem'.*strictly positive"):
+        sgs_fx.set_scales(sgs, {"stem": torch.zeros(3, 3)})
+    bad = torch.ones(3, 3)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'stem'.*non-finite"):
+        sgs_fx.set_scales(sgs, {"stem": bad})
+    with pytest.raises(ValueError, match="no instrumented conv named 'nope'"):
+        sgs_fx.set_scales(sgs, {"nope": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match="'point'"):  # 1x1 is not selected by default
+        sgs_fx.set_scales(sgs, {"point": torch.ones(1, 1)})
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sgs_fx.transform(lambda x: x)
+    with pytest.raises(ValueError, match="Sequential has no conv layers"):
+        sgs_fx.transform(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="none is selected"):
+        sgs_fx.transform(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    with pytest.raises(ValueError, match="unknown mode"):
+        sgs_fx.transform(TinyNet(), mode="magic")
+
+
+def test_double_transform_is_idempotent_and_strip_of_plain_is_noop():
+    once = sgs_fx.transform(TinyNet())
+    sgs_fx.set_scales(once, {"stem": torch.rand(3, 3) + 0.5})
+    twice = sgs_fx.transform(once)
+    assert list(sgs_fx.instrumented(twice)) == DEFAULT_SELECTED
+    assert torch.equal(sgs_fx.get_scales(twice)["stem"], sgs_fx.get_scales(once)["stem"])
+    plain = TinyNet()
+    stripped = sgs_fx.strip(plain)
+    assert stripped is not plain and state_equal(stripped.state_dict(), plain.state_dict())
+    assert sgs_fx.strip(plain, inplace=True) is plain
+
+
+def test_trace_failure_falls_back_with_one_warning(caplog):
+    with caplog.at_level(logging.INFO, logger="sgs_fx"):
+        sgs = sgs_fx.transform(Dynamic(), example_inputs=(torch.ones(1, 3, 8, 8),))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not trace Dynamic" in warnings[0].getMessage()
+    assert list(sgs_fx.instrumented(sgs)) == ["a", "b", "unused"]  # never-called conv still instrumented
+    assert "not reached by the example run: unused" in caplog.text
+
+
+def test_functional_conv_is_reported(caplog):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+            self.w = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(self.conv(x), self.w)
+
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs_fx.transform(Functional())
+    assert "functional conv call(s) with parameter weights are not instrumented: w" in caplog.text
+
+
+def test_wrapped_model_is_refused():
+    with pytest.raises(TypeError, match="transform the plain model first"):
+        sgs_fx.transform(nn.DataParallel(TinyNet()))
+
+
+def test_pickle_and_deepcopy_roundtrip():
+    sgs = sgs_fx.transform(TinyNet())
+    sgs_fx.set_scales(sgs, random_scales(sgs))
+    buf = io.BytesIO()
+    torch.save(sgs, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for a, b in ((sgs, loaded), (sgs, copy.deepcopy(sgs))):
+        assert type(b.same) is type(a.same)
+        assert all(torch.equal(a_, b_) for a_, b_ in zip(sgs_fx.get_scales(a).values(), sgs_fx.get_scales(b).values()))
+
+
+def test_adam_warns_once(caplog):
+    sgs = sgs_fx.transform(TinyNet())
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        for opt in (torch.optim.SGD(sgs.parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(sgs.parameters())):
+            for _ in range(2):
+                opt.zero_grad()
+                sgs(x).sum().backward()
+                opt.step()
+    assert caplog.text.count("Adam steps SGS-instrumented weights") == 1
+    assert "SGD steps" not in caplog.text
