@@ -1,0 +1,71 @@
+"""transform/strip on real torchvision builders (weights=None): coverage, identical forward, keys, input untouched."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision import models
+
+import sgs_fx
+from sgs_fx.passes.select import default_filter
+from helpers import state_equal
+
+FAST = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"]
+SIZE_224 = ("vit_", "swin_", "maxvit")
+SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+DETECTION = ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
+VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
+
+
+def _input(name, module):
+    if module is models.video:
+        return torch.randn(1, 3, 8, 64, 64)
+    if module is models.detection:
+        return [torch.rand(3, 128, 160)]
+    side = 224 if name.startswith(SIZE_224) else 299 if name == "inception_v3" else 96
+    return torch.randn(1, 3, side, side)
+
+
+def check_model(name, module=models):
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, weights_backbone=None) if module is not models else \
+        models.get_model(name, weights=None)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    x = _input(name, module)
+    sgs = sgs_fx.transform(model, example_inputs=(x,))
+    selected = [n for n, m in model.named_modules() if default_filter(n, m)]
+    assert sorted(sgs_fx.instrumented(sgs)) == sorted(selected)
+    with torch.no_grad():
+        a, b = model(x), sgs(x)
+    if isinstance(a, dict):  # segmentation: OrderedDict of tensors
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    elif isinstance(a, list):  # detection: list of dicts
+        assert all(torch.equal(da[k], db[k]) for da, db in zip(a, b) for k in da)
+    else:
+        assert torch.equal(a, b)
+    assert sgs_fx.strip(sgs).state_dict().keys() == before.keys()
+    assert state_equal(model.state_dict(), before)
+    assert not any(hasattr(m, "sgs_scale") for m in model.modules())
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_subset(name):
+    check_model(name)
+
+
+def test_detection_model_falls_back_and_stays_complete():
+    check_model("ssdlite320_mobilenet_v3_large", models.detection)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in models.list_models(module=models) if n not in FAST])
+def test_every_classification_builder(name):
+    check_model(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,module", [(n, models.segmentation) for n in SEGMENTATION]
+                         + [(n, models.detection) for n in DETECTION] + [(n, models.video) for n in VIDEO])
+def test_segmentation_detection_video(name, module):
+    check_model(name, module)
