@@ -8,6 +8,7 @@
 from .ops import scale_grad
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
+from .scaling.mi import dependence
 
-__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad"]
+__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence"]
 __version__ = "0.1.0"

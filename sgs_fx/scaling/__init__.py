@@ -1,0 +1,1 @@
+"""How S is chosen: the MI estimator, the scheduler that refreshes S, and branch equivalence."""

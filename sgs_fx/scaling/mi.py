@@ -1,0 +1,258 @@
+"""The mutual-information estimator of SGS (spec §3), vectorised and streaming.
+
+For one conv layer and every kernel displacement d, the input x̃ (padded as the conv pads it) gives, per
+channel c, pairs (x̃[c, p], x̃[c, p + d]). Their normalised mutual information, lifted by the k-transform
+and averaged over channels, is the dependence D(d); S = D / mean(D), floored.
+
+The statistics of (c, d) are functions of its multiset of pairs, so they are accumulated batch by batch
+and reduced across ranks (§3.5): pass 1 gathers min / max / count, pass 2 the joint histograms with bins
+fixed by the global pass-1 values. All channels are handled at once; the only Python loops run over the
+displacements (D' = (∏K − 1) / 2 for odd kernels) and over channel chunks that bound memory.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_RANGE_EPS = 1e-12  # added to each maximum (spec §3.3 step 5), float64
+_CHUNK_ELEMENTS = 1 << 22  # float64 elements per channel chunk: bounds the extra memory of one pass
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What the estimator needs of a conv: kernel, displacements, and how the conv pads its input.
+
+    Attributes:
+        kernel: spatial kernel shape (K_1, ..., K_n).
+        pad: per-side padding in ``F.pad`` order (last axis first).
+        pad_mode: ``F.pad`` mode ("constant" for zeros padding).
+        displacements: the D' displacements computed; the others are their negatives (same value).
+        tap_index: for each tap (row-major), an index into ``displacements``, or -1 for the anchor.
+    """
+
+    kernel: tuple[int, ...]
+    pad: tuple[int, ...]
+    pad_mode: str
+    displacements: tuple[tuple[int, ...], ...]
+    tap_index: tuple[int, ...]
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> "ConvGeometry":
+        kernel = tuple(conv.kernel_size)
+        dilation = tuple(conv.dilation)
+        anchor = [(k - 1) // 2 for k in kernel]
+        computed: dict[tuple[int, ...], int] = {}
+        tap_index = []
+        for tap in itertools.product(*(range(k) for k in kernel)):
+            d = tuple(dl * (t - a) for dl, t, a in zip(dilation, tap, anchor))
+            if not any(d):
+                tap_index.append(-1)
+            elif tuple(-v for v in d) in computed:  # pairs of -d are those of d, swapped: same NMI
+                tap_index.append(computed[tuple(-v for v in d)])
+            else:
+                computed[d] = len(computed)
+                tap_index.append(computed[d])
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return cls(kernel, tuple(conv._reversed_padding_repeated_twice), mode, tuple(computed), tuple(tap_index))
+
+
+def _pair_views(xp: Tensor, d: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+    """Views X, Y of the padded input with Y at X's position + d; None when no position fits."""
+    sx, sy = [slice(None), slice(None)], [slice(None), slice(None)]
+    for length, da in zip(xp.shape[2:], d):
+        if length - abs(da) <= 0:
+            return None
+        sx.append(slice(max(0, -da), length - max(0, da)))
+        sy.append(slice(max(0, da), length - max(0, -da)))
+    return xp[tuple(sx)], xp[tuple(sy)]
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """(N, c, ...) -> (c, N * ...)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+class PairStats:
+    """Streaming statistics of one conv layer's input pairs, all channels and displacements at once.
+
+    Shapes: ``lo``/``hi``/``count`` are (2, C, D') and (C, D') (X and Y stacked); ``hist`` is
+    (C, D', B_max, B_max) int64 once pass 2 starts.
+    """
+
+    def __init__(self, geometry: ConvGeometry, channels: int, *, zero_removal: bool, device=None):
+        self.geometry = geometry
+        self.channels = channels
+        self.zero_removal = zero_removal
+        n_disp = len(geometry.displacements)
+        kw = dict(dtype=torch.float64, device=device)
+        self.lo = torch.full((2, channels, n_disp), math.inf, **kw)
+        self.hi = torch.full((2, channels, n_disp), -math.inf, **kw)
+        self.count = torch.zeros(channels, n_disp, dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.calls = torch.zeros((), dtype=torch.int64, device=device)
+        self.hist: Tensor | None = None
+
+    # -- shared ----------------------------------------------------------------------------------------
+    def _padded(self, x: Tensor) -> Tensor:
+        if x.dim() != len(self.geometry.kernel) + 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"conv input of shape {tuple(x.shape)} does not match a conv with {self.channels} input "
+                f"channels and a {len(self.geometry.kernel)}-D kernel"
+            )
+        x = x.detach()
+        if any(self.geometry.pad):
+            x = F.pad(x, list(self.geometry.pad), mode=self.geometry.pad_mode)
+        return x
+
+    def _chunks(self, xp: Tensor):
+        per_channel = max(1, xp[:, :1].numel())
+        step = max(1, _CHUNK_ELEMENTS // per_channel)
+        for c0 in range(0, self.channels, step):
+            yield c0, xp[:, c0:c0 + step].to(torch.float64)
+
+    def _pairs(self, xc: Tensor):
+        for j, d in enumerate(self.geometry.displacements):
+            views = _pair_views(xc, d)
+            if views is None:
+                continue
+            X, Y = _per_channel(views[0]), _per_channel(views[1])
+            keep = (X != 0) & (Y != 0) if self.zero_removal else None
+            yield j, X, Y, keep
+
+    # -- pass 1 ----------------------------------------------------------------------------------------
+    def observe_range(self, x: Tensor) -> None:
+        """Pass 1: per (channel, displacement) min / max of X and Y and the pair count."""
+        xp = self._padded(x)
+        self.calls += 1
+        self.nonfinite += (~torch.isfinite(x)).sum()
+        for c0, xc in self._chunks(xp):
+            c1 = c0 + xc.shape[1]
+            for j, X, Y, keep in self._pairs(xc):
+                for side, V in enumerate((X, Y)):
+                    lo_v = V if keep is None else V.masked_fill(~keep, math.inf)
+                    hi_v = V if keep is None else V.masked_fill(~keep, -math.inf)
+                    self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_v.amin(1))
+                    self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_v.amax(1))
+                self.count[c0:c1, j] += X.shape[1] if keep is None else keep.sum(1)
+
+    def start_histograms(self) -> None:
+        """Fix every (channel, displacement)'s bins from the (reduced) pass-1 values (steps 4-5)."""
+        # Sturges, exactly in integers: B = 1 + ceil(log2 N) = 1 + (N - 1).bit_length(); B = 1 for N <= 1.
+        counts = self.count.flatten().tolist()
+        self.bins = torch.tensor([(n - 1).bit_length() + 1 if n > 1 else 1 for n in counts],
+                                 dtype=torch.int64, device=self.count.device).view_as(self.count)
+        self.b_max = int(self.bins.max().item()) if self.bins.numel() else 1
+        self.range = self.hi + _RANGE_EPS - self.lo
+        self.hist = torch.zeros(self.channels, len(self.geometry.displacements), self.b_max * self.b_max,
+                                dtype=torch.int64, device=self.count.device)
+
+    # -- pass 2 ----------------------------------------------------------------------------------------
+    def observe_hist(self, x: Tensor) -> None:
+        """Pass 2: accumulate the joint histograms (steps 6-7)."""
+        if self.hist is None:
+            raise RuntimeError("PairStats.observe_hist before start_histograms")
+        xp = self._padded(x)
+        b_max = self.b_max
+        for c0, xc in self._chunks(xp):
+            c1 = c0 + xc.shape[1]
+            for j, X, Y, keep in self._pairs(xc):
+                bins = self.bins[c0:c1, j, None].double()
+                ix = self._bin(X, 0, c0, c1, j, bins)
+                iy = self._bin(Y, 1, c0, c1, j, bins)
+                local = (torch.arange(c1 - c0, device=X.device)[:, None] * b_max + ix) * b_max + iy
+                if keep is not None:
+                    local = local[keep]
+                self.hist[c0:c1, j] += torch.bincount(local.flatten(), minlength=(c1 - c0) * b_max * b_max).view(
+                    c1 - c0, b_max * b_max)
+
+    def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor) -> Tensor:
+        lo = self.lo[side, c0:c1, j, None]
+        width = self.range[side, c0:c1, j, None]
+        # Spec §3.3 step 6, in this order: floor((v - lo) * B / (hi - lo)), clipped to [0, B - 1].
+        idx = torch.floor((V - lo) * bins / width)
+        idx = torch.where(width > 0, idx, 0.0)
+        return torch.minimum(idx.clamp(min=0), bins - 1).long()
+
+    # -- finalise --------------------------------------------------------------------------------------
+    def failure(self) -> str | None:
+        if int(self.calls) == 0:
+            return "the conv was never called by the calibration forward"
+        if int(self.nonfinite) > 0:
+            return f"its input holds {int(self.nonfinite)} non-finite value(s)"
+        return None
+
+    def dependence_per_channel(self, k: float) -> Tensor:
+        """D_c(t) for every channel and tap, shape (C, taps): NaN where undefined (zero removal: 0)."""
+        b = self.b_max
+        J = self.hist.view(self.channels, -1, b, b).to(torch.float64)
+        if self.zero_removal:
+            J = J * (1 - torch.eye(b, dtype=J.dtype, device=J.device))
+        total = J.sum((-1, -2))
+        p = J / total.clamp(min=1)[..., None, None]
+        entropy = lambda q, dims: -(torch.special.xlogy(q, q).sum(dims)) / math.log(2)  # noqa: E731
+        h_xy = entropy(p, (-1, -2))
+        mi = entropy(p.sum(-1), -1) + entropy(p.sum(-2), -1) - h_xy
+        undefined = (self.count == 0) | (total == 0) | (h_xy == 0)
+        nmi = (mi / torch.where(undefined, 1.0, h_xy)).clamp(0.0, 1.0)
+        nmi_k = k * nmi / ((k - 1) * nmi + 1)
+        nmi_k = torch.where(undefined, 0.0 if self.zero_removal else math.nan, nmi_k)
+        tap_index = torch.tensor(self.geometry.tap_index, device=J.device)
+        ones = torch.ones(self.channels, 1, dtype=torch.float64, device=J.device)
+        per_tap = torch.cat([nmi_k, ones], dim=1)  # index -1 (the anchor) picks the trailing ones column
+        return per_tap[:, tap_index]
+
+    def scale(self, k: float, floor: float) -> tuple[Tensor | None, str | None]:
+        """(S of the kernel's shape, None) or (None, why the layer failed) — steps 14-17."""
+        why = self.failure()
+        if why:
+            return None, why
+        d = torch.nanmean(self.dependence_per_channel(k), dim=0)
+        if torch.isnan(d).any():
+            return None, "every channel's dependence is undefined at some tap (constant or empty inputs)"
+        return normalise_with_floor(d, floor).view(self.geometry.kernel).cpu(), None
+
+
+def normalise_with_floor(d: Tensor, floor: float) -> Tensor:
+    s = d / d.mean()
+    s = s.clamp(min=floor)
+    return s / s.mean()
+
+
+def dependence(x: Tensor, conv: nn.Module, *, k: float = 5, zero_removal: bool = False,
+               floor: float = 1e-3) -> Tensor:
+    """S (mean 1, shape = the kernel's spatial shape, float64) of ``conv`` from one input batch ``x``.
+
+    Args:
+        x: the conv's input, shape (N, C_in, L_1, ..., L_n).
+        conv: the conv (plain or instrumented); its kernel, dilation, padding and padding mode are used.
+        k: the k-transform of the NMI (k = 1: identity; larger k flattens S).
+        zero_removal: drop pairs with an exact zero (ReLU, padding) and the histogram's diagonal.
+        floor: lower bound on S before the final renormalisation.
+
+    When the layer fails (non-finite input, every channel undefined at a tap), returns ones and warns.
+    """
+    _check_hyper(k, floor)
+    stats = PairStats(ConvGeometry.of(conv), conv.in_channels, zero_removal=zero_removal, device=x.device)
+    stats.observe_range(x)
+    if stats.failure() is None:
+        stats.start_histograms()
+        stats.observe_hist(x)
+    s, why = stats.scale(k, floor)
+    if s is None:
+        import warnings
+
+        warnings.warn(f"sgs_fx.dependence: {why}; returning S = ones", RuntimeWarning, stacklevel=2)
+        return torch.ones(tuple(conv.kernel_size), dtype=torch.float64)
+    return s
+
+
+def _check_hyper(k: float, floor: float) -> None:
+    if not (k > 0 and math.isfinite(k)):
+        raise ValueError(f"k must be a finite number > 0 (got {k})")
+    if not (0 < floor < 1):
+        raise ValueError(f"floor must lie in (0, 1) (got {floor})")
