@@ -9,6 +9,7 @@ from .ops import scale_grad
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
 from .scaling.mi import dependence
+from .scaling.scheduler import MIScheduler
 
-__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence"]
+__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence", "MIScheduler"]
 __version__ = "0.1.0"

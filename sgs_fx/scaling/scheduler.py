@@ -1,0 +1,233 @@
+"""MIScheduler: recompute every layer's S from the mutual information of its input, on a schedule (spec §4).
+
+Observation follows spec §3.1 and §3.5: the model in eval mode under ``no_grad`` (its mode restored
+afterwards), the first ``batches`` batches of a fresh pass over the training loader, two streaming
+passes over those same inputs, and, under ``torch.distributed``, MIN / MAX / SUM reductions so that every
+rank gets the S of the union of all ranks' batches. No feature map is ever stored.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..ops import is_sgs_conv
+from ..passes.instrument import instrumented, set_scales
+from ..passes.select import unwrap
+from .mi import ConvGeometry, PairStats, _check_hyper
+
+logger = logging.getLogger("sgs_fx")
+
+
+def _default_input(batch):
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(
+        f"MIScheduler cannot find the input in a batch of type {type(batch).__name__}; "
+        "pass input_fn=lambda batch: <the model input>"
+    )
+
+
+class MIScheduler:
+    """Sets S of every SGS conv from the NMI of its input, at ``warmup`` and every ``every`` epochs after.
+
+    Args:
+        model: a model transformed with ``sgs_fx.transform`` (may be wrapped in DDP or torch.compile).
+        loader: the *training* loader (its augmentation included); each rank passes its own.
+        k: k-transform of the NMI (default 5, the official setting).
+        every: recompute period in epochs (default 5).
+        warmup: S = ones for epochs < warmup; first recompute at ``warmup`` (default 1).
+        batches: number of loader batches observed per recompute (default 2).
+        zero_removal: drop pairs holding an exact zero (default False).
+        floor: lower bound of S before the final renormalisation (default 1e-3).
+        input_fn: batch -> model input (default: the batch itself, or its first element).
+        progress: show a tqdm bar on rank 0 while calibrating.
+
+    Call ``step(epoch)`` at the start of every epoch (epochs count from 0), before training on it.
+    """
+
+    def __init__(self, model: nn.Module, loader: Iterable, *, k: float = 5, every: int = 5, warmup: int = 1,
+                 batches: int = 2, zero_removal: bool = False, floor: float = 1e-3,
+                 input_fn: Callable | None = None, progress: bool = False):
+        _check_hyper(k, floor)
+        if int(every) < 1 or int(warmup) < 0 or int(batches) < 1:
+            raise ValueError(f"MIScheduler needs every >= 1, warmup >= 0, batches >= 1 (got {every}, {warmup}, {batches})")
+        convs = instrumented(model)
+        if not convs:
+            raise ValueError("MIScheduler: the model has no instrumented conv; call sgs_fx.transform(model) first")
+        branched = [n for n, m in convs.items() if not is_sgs_conv(m)]
+        if branched:
+            raise ValueError(f"MIScheduler: {branched[0]!r} is a branched block (mode='branches'), whose S is fixed; "
+                             "use mode='sgs' for MI-driven scales")
+        self.model, self.loader = model, loader
+        self.k, self.every, self.warmup, self.batches = k, int(every), int(warmup), int(batches)
+        self.zero_removal, self.floor = zero_removal, floor
+        self.input_fn = input_fn or _default_input
+        self.progress = progress
+        self.last_epoch: int | None = None
+        self.last_recompute: int | None = None
+        self._warned: set[str] = set()
+
+    # -- schedule --------------------------------------------------------------------------------------
+    def due(self, epoch: int) -> bool:
+        """Whether ``step(epoch)`` recomputes S."""
+        return epoch == self.warmup or (epoch > self.warmup and epoch % self.every == 0)
+
+    def step(self, epoch: int) -> bool:
+        """Apply the schedule for ``epoch``; returns True when S was recomputed."""
+        self.last_epoch = epoch
+        if epoch < self.warmup:
+            set_scales(self.model, {n: torch.ones(tuple(m.kernel_size)) for n, m in instrumented(self.model).items()})
+            return False
+        if not self.due(epoch):
+            return False
+        self.calibrate()
+        self.last_recompute = epoch
+        return True
+
+    # -- calibration -----------------------------------------------------------------------------------
+    def calibrate(self) -> dict[str, Tensor]:
+        """Recompute S of every layer now, from the loader's first ``batches`` batches; returns the new S."""
+        root = unwrap(self.model)
+        convs = instrumented(root)
+        inputs = self._draw_inputs(root)
+        stats = {n: PairStats(ConvGeometry.of(m), m.in_channels, zero_removal=self.zero_removal,
+                              device=m.weight.device) for n, m in convs.items()}
+        with _eval_no_grad(root):
+            self._run(root, convs, inputs, {n: s.observe_range for n, s in stats.items()}, "MI pass 1/2")
+            _reduce_ranges(list(stats.values()))
+            live = {n: s for n, s in stats.items() if s.failure() is None}
+            for s in live.values():
+                s.start_histograms()
+            self._run(root, {n: convs[n] for n in live}, inputs, {n: s.observe_hist for n, s in live.items()},
+                      "MI pass 2/2")
+            _reduce_histograms(list(live.values()))
+        new = {}
+        for name, s in stats.items():
+            scale, why = s.scale(self.k, self.floor)
+            if scale is None:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning("sgs_fx.MIScheduler: layer %r keeps its previous S: %s", name, why)
+                continue
+            new[name] = scale
+        if dist.is_available() and dist.is_initialized():
+            _broadcast_from_rank0(new)
+        set_scales(root, new)
+        for name, s in new.items():
+            logger.info("sgs_fx.MIScheduler: %s S=%s", name, _compact(s))
+        return new
+
+    def _draw_inputs(self, root: nn.Module) -> list[Tensor]:
+        device = next(root.parameters()).device
+        inputs = []
+        for batch in self.loader:
+            inputs.append(self.input_fn(batch).to(device))
+            if len(inputs) == self.batches:
+                break
+        if not inputs:
+            raise ValueError("MIScheduler: the loader yielded no batch; it needs at least one to estimate S")
+        return inputs
+
+    def _run(self, root, convs, inputs, observers, desc):
+        handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[0]))
+                   for n, m in convs.items()]
+        try:
+            from tqdm.auto import tqdm
+
+            show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
+            for x in tqdm(inputs, desc=desc, disable=not show, leave=False):
+                root(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume: every layer's current S and the schedule position."""
+        from ..passes.instrument import get_scales
+
+        return {"scales": get_scales(self.model), "last_epoch": self.last_epoch,
+                "last_recompute": self.last_recompute, "warned": sorted(self._warned),
+                "config": {"k": self.k, "every": self.every, "warmup": self.warmup, "batches": self.batches,
+                           "zero_removal": self.zero_removal, "floor": self.floor}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        set_scales(self.model, state["scales"])
+        self.last_epoch, self.last_recompute = state["last_epoch"], state["last_recompute"]
+        self._warned = set(state.get("warned", ()))
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module):
+    modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode, not just the root's
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reduce_ranges(stats: list[PairStats]) -> None:
+    if not _distributed() or not stats:
+        return
+    lo = torch.cat([s.lo.flatten() for s in stats])
+    hi = torch.cat([s.hi.flatten() for s in stats])
+    counts = torch.cat([torch.cat([s.count.flatten(), s.nonfinite.view(1), s.calls.view(1)]) for s in stats])
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    i = j = 0
+    for s in stats:
+        n = s.lo.numel()
+        s.lo.copy_(lo[i:i + n].view_as(s.lo))
+        s.hi.copy_(hi[i:i + n].view_as(s.hi))
+        i += n
+        m = s.count.numel()
+        s.count.copy_(counts[j:j + m].view_as(s.count))
+        s.nonfinite.copy_(counts[j + m])
+        s.calls.copy_(counts[j + m + 1])
+        j += m + 2
+
+
+def _reduce_histograms(stats: list[PairStats]) -> None:
+    if not _distributed() or not stats:
+        return
+    flat = torch.cat([s.hist.flatten() for s in stats])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
+    for s in stats:
+        s.hist.copy_(flat[i:i + s.hist.numel()].view_as(s.hist))
+        i += s.hist.numel()
+
+
+def _broadcast_from_rank0(scales: dict[str, Tensor]) -> None:
+    # Every rank computed the same counts, but FSDP2 does not broadcast buffers: rank 0's S is the one used.
+    if not _distributed() or not scales:
+        return
+    names = sorted(scales)
+    flat = torch.cat([scales[n].flatten() for n in names])
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flat = flat.to(backend_device)
+    dist.broadcast(flat, src=0)
+    i = 0
+    for n in names:
+        scales[n] = flat[i:i + scales[n].numel()].view_as(scales[n]).cpu()
+        i += scales[n].numel()
+
+
+def _compact(s: Tensor) -> str:
+    return str([round(v, 3) for v in s.flatten().tolist()]) if s.numel() <= 9 else \
+        f"centre={s.flatten()[s.numel() // 2].item():.3f} min={s.min().item():.3f} max={s.max().item():.3f}"

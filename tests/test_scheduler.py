@@ -1,0 +1,140 @@
+"""MIScheduler (spec §4.1, §3.5, §7.7-7.8): schedule, resume, side effects, failures, DDP."""
+import logging
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sgs_fx
+from helpers import Dynamic
+from sgs_fx.scaling.mi import ConvGeometry, PairStats
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Conv2d(6, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2))
+
+
+def loader(n_batches=3, seed=0, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 12, 12, generator=g).cumsum(-1) / 3, torch.zeros(batch)) for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("warmup,every,expected", [
+    (1, 5, [1, 5, 10, 15]),
+    (0, 5, [0, 5, 10, 15]),
+    (3, 4, [3, 4, 8, 12, 16]),
+    (7, 5, [7, 10, 15]),
+])
+def test_schedule_arithmetic(warmup, every, expected):
+    sched = sgs_fx.MIScheduler(sgs_fx.transform(small_net()), loader(), warmup=warmup, every=every)
+    assert [e for e in range(18) if sched.due(e)] == expected
+
+
+def test_step_recomputes_when_due_and_ones_before_warmup():
+    model = sgs_fx.transform(small_net())
+    sched = sgs_fx.MIScheduler(model, loader(), warmup=1, every=2)
+    assert sched.step(0) is False
+    assert all(torch.equal(s, torch.ones_like(s)) for s in sgs_fx.get_scales(model).values())
+    assert sched.step(1) is True
+    s1 = sgs_fx.get_scales(model)
+    assert all((s > 0).all() and abs(s.mean().item() - 1) < 1e-6 and not torch.equal(s, torch.ones_like(s))
+               for s in s1.values())
+    assert s1["0"][1, 1] == s1["0"].max()  # centre-peaked on spatially correlated inputs
+    assert sched.step(3) is False and sched.step(4) is True
+
+
+def test_calibration_equals_dependence_on_the_concatenated_batches():
+    model = sgs_fx.transform(small_net()).eval()
+    data = loader(3)
+    sched = sgs_fx.MIScheduler(model, data, batches=2)
+    got = sched.calibrate()
+    x = torch.cat([b[0] for b in data[:2]])
+    assert torch.allclose(got["0"].float(), sgs_fx.dependence(x, model[0]).float(), atol=1e-6, rtol=0)
+    feats = model[2](model[1](model[0](x)))
+    assert torch.allclose(got["4"].float(), sgs_fx.dependence(feats, model[4]).float(), atol=1e-6, rtol=0)
+
+
+def test_calibration_leaves_mode_and_gradients_untouched():
+    model = sgs_fx.transform(small_net()).train()
+    model[1].eval()  # a submodule's own mode must survive too
+    model(loader()[0][0]).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    bn_stats = model[1].running_mean.clone()
+    sgs_fx.MIScheduler(model, loader()).calibrate()
+    assert model.training and not model[1].training and model[3].training
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert torch.equal(bn_stats, model[1].running_mean)
+
+
+def test_resume_restores_scales():
+    model = sgs_fx.transform(small_net())
+    sched = sgs_fx.MIScheduler(model, loader(), warmup=0, every=3)
+    sched.step(0)
+    state = sched.state_dict()
+    fresh = sgs_fx.transform(small_net())
+    resumed = sgs_fx.MIScheduler(fresh, loader(seed=99), warmup=0, every=3)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(sgs_fx.get_scales(model).values(), sgs_fx.get_scales(fresh).values()))
+    assert resumed.step(1) is False and resumed.step(2) is False  # not due: S stays as restored
+    assert all(torch.equal(a, b) for a, b in zip(sgs_fx.get_scales(model).values(), sgs_fx.get_scales(fresh).values()))
+
+
+def test_failing_layers_keep_previous_scale_and_warn_once(caplog):
+    model = sgs_fx.transform(Dynamic())
+    previous = torch.rand(3, 3) + 0.5
+    sgs_fx.set_scales(model, {"unused": previous})
+    sched = sgs_fx.MIScheduler(model, [torch.randn(2, 3, 8, 8)], batches=1)
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sched.calibrate()
+        sched.calibrate()
+    assert torch.allclose(sgs_fx.get_scales(model)["unused"], previous / previous.mean())
+    assert caplog.text.count("'unused' keeps its previous S: the conv was never called") == 1
+    nan_input = torch.randn(2, 3, 8, 8)
+    nan_input[0, 0, 0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs_fx.MIScheduler(model, [nan_input], batches=1).calibrate()
+    assert "'a' keeps its previous S: its input holds 1 non-finite value(s)" in caplog.text
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in sgs_fx.get_scales(model).values())
+
+
+def test_bad_input():
+    model = sgs_fx.transform(small_net())
+    with pytest.raises(ValueError, match="no batch"):
+        sgs_fx.MIScheduler(model, []).calibrate()
+    with pytest.raises(TypeError, match="input_fn"):
+        sgs_fx.MIScheduler(model, [{"x": torch.randn(1, 3, 8, 8)}]).calibrate()
+    assert sgs_fx.MIScheduler(model, [{"x": torch.randn(1, 3, 8, 8)}], input_fn=lambda b: b["x"]).calibrate()
+    with pytest.raises(ValueError, match="no instrumented conv"):
+        sgs_fx.MIScheduler(small_net(), loader())
+    with pytest.raises(ValueError, match="every >= 1"):
+        sgs_fx.MIScheduler(model, loader(), every=0)
+
+
+def _ddp_worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(sgs_fx.transform(small_net()))
+    for zr in (False, True):
+        sched = sgs_fx.MIScheduler(model, loader(seed=rank), batches=2, zero_removal=zr)
+        scales = sched.calibrate()
+        torch.save(scales, f"{out}.{zr}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_equal_union():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "s")
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        for zr in (False, True):
+            r0, r1 = torch.load(f"{out}.{zr}.0"), torch.load(f"{out}.{zr}.1")
+            single = sgs_fx.MIScheduler(sgs_fx.transform(small_net()),
+                                        [b for s in (0, 1) for b in loader(seed=s)[:2]], batches=4,
+                                        zero_removal=zr).calibrate()
+            for name in single:
+                assert torch.equal(r0[name], r1[name])
+                assert (r0[name] - single[name]).abs().max().item() <= 1e-6
