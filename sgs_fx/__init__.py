@@ -5,11 +5,13 @@
     plain = sgs_fx.strip(model)                  # a plain model again, same state_dict keys
     sgs_fx.export_onnx(plain, "model.onnx", x)   # checked with onnxruntime
 """
+from .export.onnx import ExportMismatchError, ExportReport, export_onnx
 from .ops import scale_grad
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
 from .scaling.mi import dependence
 from .scaling.scheduler import MIScheduler
 
-__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence", "MIScheduler"]
+__all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence", "MIScheduler",
+           "export_onnx", "ExportReport", "ExportMismatchError"]
 __version__ = "0.1.0"

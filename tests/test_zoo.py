@@ -28,8 +28,8 @@ def _input(name, module):
 
 def check_model(name, module=models):
     torch.manual_seed(0)
-    model = models.get_model(name, weights=None, weights_backbone=None) if module is not models else \
-        models.get_model(name, weights=None)
+    extra = {"weights_backbone": None} if module in (models.detection, models.segmentation) else {}
+    model = models.get_model(name, weights=None, **extra)
     model.eval()
     before = copy.deepcopy(model.state_dict())
     x = _input(name, module)

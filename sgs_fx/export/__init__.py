@@ -1,0 +1,1 @@
+"""Deployment: strip and export a plain ONNX model, checked against PyTorch with onnxruntime."""

@@ -1,0 +1,84 @@
+"""export_onnx: plain ONNX, checked by onnxruntime, no trace of instrumentation (issue 5)."""
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import sgs_fx
+from helpers import random_scales
+from sgs_fx.models import build_model
+
+
+def _train_a_little(model, x, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).logsumexp(1).mean().backward()
+        opt.step()
+    return model
+
+
+def check_export(model, x, tmp_path, mode="sgs"):
+    kwargs = {"scales": None} if mode == "sgs" else {"branches": "acb"}
+    sgs = sgs_fx.transform(model, mode=mode, **kwargs)
+    if mode == "sgs":
+        sgs_fx.set_scales(sgs, random_scales(sgs, dtype=torch.float32))
+    _train_a_little(sgs, x)
+    report = sgs_fx.export_onnx(sgs, tmp_path / "sgs.onnx", x[:1])
+    assert report.passed and set(report.max_abs_diff) == {1, 3}
+    assert max(report.max_abs_diff.values()) <= 1e-4
+    plain = sgs_fx.export_onnx(model, tmp_path / "plain.onnx", x[:1])
+    assert report.op_counts == plain.op_counts
+    assert not sgs_fx.instrumented(sgs) == {}  # the trained model itself stays instrumented
+    return report
+
+
+def test_cifar_resnet(tmp_path):
+    check_export(build_model("resnet18", width=0.125), torch.randn(4, 3, 32, 32), tmp_path)
+
+
+def test_torchvision_resnet18(tmp_path):
+    check_export(torchvision.models.resnet18(num_classes=10), torch.randn(4, 3, 64, 64), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
+                                  "vgg11_bn"])
+def test_torchvision_models(name, tmp_path):
+    check_export(torchvision.models.get_model(name, num_classes=10), torch.randn(4, 3, 64, 64), tmp_path)
+
+
+def test_report_text(tmp_path):
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    report = sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 8, 8), check_batch_sizes=(1, 5))
+    text = str(report)
+    assert "Conv×1" in text and "batch 5" in text and "PASSED" in text and report.exporter == "dynamo"
+
+
+def test_bad_input(tmp_path):
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sgs_fx.export_onnx(model, tmp_path / "missing" / "m.onnx", torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"example_input of shape \(1, 3, 9, 9\) does not fit"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 9, 9))
+
+    class Unexportable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            return torch.linalg.eigvals(self.conv(x)).real  # complex numbers: no ONNX exporter handles them
+
+    with pytest.raises(RuntimeError, match="could not be exported.*linalg_eigvals"):
+        sgs_fx.export_onnx(sgs_fx.transform(Unexportable()), tmp_path / "u.onnx", torch.randn(1, 3, 8, 8))
+
+
+def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    with pytest.raises(sgs_fx.ExportMismatchError, match="was written to") as info:
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), atol=-1.0)
+    assert os.path.exists(tmp_path / "m.onnx") and not info.value.report.passed
