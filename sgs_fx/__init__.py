@@ -10,8 +10,11 @@ from .ops import scale_grad
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
 from .scaling.mi import dependence
+from .scaling.equivalence import equivalent_scales
 from .scaling.scheduler import MIScheduler
+from .verify import VerifyReport, verify
 
 __all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence", "MIScheduler",
-           "export_onnx", "ExportReport", "ExportMismatchError"]
+           "export_onnx", "ExportReport", "ExportMismatchError",
+           "equivalent_scales", "verify", "VerifyReport"]
 __version__ = "0.1.0"

@@ -36,8 +36,9 @@ def check_export(model, x, tmp_path, mode="sgs"):
     return report
 
 
-def test_cifar_resnet(tmp_path):
-    check_export(build_model("resnet18", width=0.125), torch.randn(4, 3, 32, 32), tmp_path)
+@pytest.mark.parametrize("mode", ["sgs", "branches"])
+def test_cifar_resnet(tmp_path, mode):
+    check_export(build_model("resnet18", width=0.125), torch.randn(4, 3, 32, 32), tmp_path, mode)
 
 
 def test_torchvision_resnet18(tmp_path):
@@ -45,10 +46,11 @@ def test_torchvision_resnet18(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sgs", "branches"])
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
                                   "vgg11_bn"])
-def test_torchvision_models(name, tmp_path):
-    check_export(torchvision.models.get_model(name, num_classes=10), torch.randn(4, 3, 64, 64), tmp_path)
+def test_torchvision_models(name, tmp_path, mode):
+    check_export(torchvision.models.get_model(name, num_classes=10), torch.randn(4, 3, 64, 64), tmp_path, mode)
 
 
 def test_report_text(tmp_path):

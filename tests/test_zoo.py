@@ -1,5 +1,6 @@
 """transform/strip on real torchvision builders (weights=None): coverage, identical forward, keys, input untouched."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torchvision
 from torchvision import models
 
 import sgs_fx
-from sgs_fx.passes.select import default_filter
+from sgs_fx.passes.select import default_filter, is_plain_conv
 from helpers import state_equal
 
 FAST = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"]
@@ -15,6 +16,13 @@ SIZE_224 = ("vit_", "swin_", "maxvit")
 SEGMENTATION = ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 DETECTION = ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
 VIDEO = ["r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
+# (2+1)-D factorised convs (1x3x3 and 3x1x1) have a unit axis, so the paper's default selects none of them:
+# transform then refuses, and the user selects them explicitly.
+FACTORISED = ("r2plus1d_18", "s3d")
+
+
+def any_kernel_over_1(name, m):
+    return is_plain_conv(m) and math.prod(m.kernel_size) > 1
 
 
 def _input(name, module):
@@ -33,8 +41,12 @@ def check_model(name, module=models):
     model.eval()
     before = copy.deepcopy(model.state_dict())
     x = _input(name, module)
-    sgs = sgs_fx.transform(model, example_inputs=(x,))
-    selected = [n for n, m in model.named_modules() if default_filter(n, m)]
+    selector = any_kernel_over_1 if name in FACTORISED else default_filter
+    if name in FACTORISED:
+        with pytest.raises(ValueError, match="none is selected"):
+            sgs_fx.transform(model)
+    sgs = sgs_fx.transform(model, example_inputs=(x,), filter_fn=selector)
+    selected = [n for n, m in model.named_modules() if selector(n, m)]
     assert sorted(sgs_fx.instrumented(sgs)) == sorted(selected)
     with torch.no_grad():
         a, b = model(x), sgs(x)

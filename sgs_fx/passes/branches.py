@@ -1,0 +1,37 @@
+"""Branch mode: each selected conv becomes a BranchedConv whose SGD dynamics equal SGS with its S."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import BranchedConv
+from ..scaling.equivalence import branches_from, level_set_branches
+from .instrument import validate_scale
+
+
+def instrument_branches(model: nn.Module, names: list[str], *, start: int, scales: Mapping[str, Tensor] | None,
+                        branches) -> None:
+    """Replace each named conv by a BranchedConv: from a recipe / branch list, or level sets of ``scales``.
+
+    A conv absent from ``scales`` gets S = ones: one full branch, i.e. a plain conv.
+    """
+    if scales is not None and branches is not None:
+        raise ValueError("transform(mode='branches'): pass either scales= (masked branches) or branches= (a recipe), "
+                         "not both")
+    unknown = [n for n in (scales or {}) if n not in names]
+    if unknown:
+        raise ValueError(f"transform(mode='branches'): scales name {unknown[0]!r}, which is not a selected conv")
+    for i, name in enumerate(names):
+        conv = model.get_submodule(name)
+        kernel = tuple(conv.kernel_size)
+        if branches is not None:
+            spec = branches_from(branches, kernel)
+        else:
+            s = validate_scale(name, scales[name], kernel) if scales and name in scales else torch.ones(kernel)
+            spec = level_set_branches(s)
+        block = BranchedConv(conv, spec)
+        block._sgs_order = start + i
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, block)
