@@ -241,7 +241,8 @@ def _train_epoch(model, opt, batches, epoch, cfg, d) -> tuple[float, float]:
 
     model.train()
     total = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)  # loss sum, correct, count
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and d.main), leave=False)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                disable=None if (cfg.progress and d.main) else True)  # None: off when not a terminal
     for x, y in bar:
         out = model(x)
         loss = F.cross_entropy(out, y)

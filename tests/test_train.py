@@ -1,0 +1,106 @@
+"""`sgs-fx train` end to end on synthetic data: outputs, exact resume, bad input, NaN loss, torchrun DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sgs_fx.train as train_mod
+from sgs_fx.cli import main
+from sgs_fx.train import TrainConfig, train
+
+SMALL = dict(model="vgg11_bn", width=0.0625, epochs=3, batch_size=64, data="synthetic", every=1, warmup=1,
+             progress=False)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "3",
+               "--batch-size", "64", "--every", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["onnx"]["passed"] and (out / "model.onnx").exists()
+    assert (out / "curves.png").exists() and (out / "scales.png").exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["onnx"]["passed"]
+    # export the checkpoint again through the CLI
+    assert main(["export", "--model", "vgg11_bn", "--width", "0.0625", "--checkpoint", str(out / "checkpoint.pt"),
+                 "-o", str(tmp_path / "again.onnx")]) == 0
+
+
+@pytest.mark.parametrize("scales,mode", [("mi", "sgs"), ("acb", "branches")])
+def test_resume_continues_exactly(tmp_path, monkeypatch, scales, mode):
+    straight = tmp_path / "straight"
+    train(TrainConfig(out=str(straight), scales=scales, mode=mode, export=False, plots=False, **SMALL))
+
+    real = train_mod._train_epoch
+
+    def interrupted(model, opt, batches, epoch, cfg, d):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(model, opt, batches, epoch, cfg, d)
+
+    resumed = tmp_path / "resumed"
+    cfg = TrainConfig(out=str(resumed), scales=scales, mode=mode, export=False, plots=False, **SMALL)
+    monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_mod, "_train_epoch", real)
+    train(cfg, resume=True)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["history"]["metrics"][-1]["test_acc"] == b["history"]["metrics"][-1]["test_acc"]
+    if scales == "mi":
+        assert a["mi"]["scales"].keys() == b["mi"]["scales"].keys()
+        assert all(torch.equal(a["mi"]["scales"][k], b["mi"]["scales"][k]) for k in a["mi"]["scales"])
+
+
+def test_bad_input(tmp_path, capsys):
+    assert main(["train", "--model", "resnet9000", "--data", "synthetic", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--data", "synthetic", "--out", str(blocker / "sub")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert main(["train", "--data", "synthetic", "--mode", "branches", "--out", str(tmp_path / "y")]) == 2
+    assert "needs a recipe" in capsys.readouterr().err
+    assert main(["train", "--data", "synthetic", "--resume", "--out", str(tmp_path / "z")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train_mod._train_epoch
+
+    def poisoned(model, opt, batches, epoch, cfg, d):
+        if epoch == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return real(model, opt, batches, epoch, cfg, d)
+
+    monkeypatch.setattr(train_mod, "_train_epoch", poisoned)
+    out = tmp_path / "nan"
+    rc = main(["train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "3",
+               "--batch-size", "64", "--out", str(out), "--no-progress"])
+    assert rc == 3 and "epoch 1: the training loss is nan" in capsys.readouterr().err
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "sgs_fx.cli",
+           "train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "2",
+           "--batch-size", "32", "--every", "1", "--warmup", "0", "--out", str(out), "--no-progress", "--no-plots"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2  # rank 0 alone writes
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["onnx"]["passed"] and summary["scales"]
