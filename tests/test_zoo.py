@@ -27,7 +27,8 @@ def any_kernel_over_1(name, m):
 
 def _input(name, module):
     if module is models.video:
-        return torch.randn(1, 3, 8, 64, 64)
+        # s3d ends in a (2, 7, 7) average pool after 8x temporal and 32x spatial reduction
+        return torch.randn(1, 3, 16, 224, 224) if name == "s3d" else torch.randn(1, 3, 8, 64, 64)
     if module is models.detection:
         return [torch.rand(3, 128, 160)]
     side = 224 if name.startswith(SIZE_224) else 299 if name == "inception_v3" else 96

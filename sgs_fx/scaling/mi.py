@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _RANGE_EPS = 1e-12  # added to each maximum (spec §3.3 step 5), float64
-_CHUNK_ELEMENTS = 1 << 22  # float64 elements per channel chunk: bounds the extra memory of one pass
+_CHUNK_ELEMENTS = 1 << 20  # float64 elements per channel chunk (8 MB): bounds the extra memory of a pass
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,6 @@ def _pair_views(xp: Tensor, d: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
     return xp[tuple(sx)], xp[tuple(sy)]
 
 
-def _per_channel(t: Tensor) -> Tensor:
-    """(N, c, ...) -> (c, N * ...)."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1)
-
-
 class PairStats:
     """Streaming statistics of one conv layer's input pairs, all channels and displacements at once.
 
@@ -116,11 +111,12 @@ class PairStats:
             yield c0, xp[:, c0:c0 + step].to(torch.float64)
 
     def _pairs(self, xc: Tensor):
+        """(j, X, Y, keep) per displacement: strided views (N, c, ...) — no copy — and the zero-removal mask."""
         for j, d in enumerate(self.geometry.displacements):
             views = _pair_views(xc, d)
             if views is None:
                 continue
-            X, Y = _per_channel(views[0]), _per_channel(views[1])
+            X, Y = views
             keep = (X != 0) & (Y != 0) if self.zero_removal else None
             yield j, X, Y, keep
 
@@ -130,15 +126,16 @@ class PairStats:
         xp = self._padded(x)
         self.calls += 1
         self.nonfinite += (~torch.isfinite(x)).sum()
+        dims = (0, *range(2, xp.dim()))  # every dim but the channel
         for c0, xc in self._chunks(xp):
             c1 = c0 + xc.shape[1]
             for j, X, Y, keep in self._pairs(xc):
                 for side, V in enumerate((X, Y)):
                     lo_v = V if keep is None else V.masked_fill(~keep, math.inf)
                     hi_v = V if keep is None else V.masked_fill(~keep, -math.inf)
-                    self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_v.amin(1))
-                    self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_v.amax(1))
-                self.count[c0:c1, j] += X.shape[1] if keep is None else keep.sum(1)
+                    self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_v.amin(dims))
+                    self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_v.amax(dims))
+                self.count[c0:c1, j] += X[:, 0].numel() if keep is None else keep.sum(dims)
 
     def start_histograms(self) -> None:
         """Fix every (channel, displacement)'s bins from the (reduced) pass-1 values (steps 4-5)."""
@@ -160,23 +157,31 @@ class PairStats:
         b_max = self.b_max
         for c0, xc in self._chunks(xp):
             c1 = c0 + xc.shape[1]
+            shape = (1, c1 - c0) + (1,) * (xc.dim() - 2)  # per-channel values broadcast over (N, c, ...)
+            channel = torch.arange(c1 - c0, device=xc.device, dtype=torch.float64).view(shape) * (b_max * b_max)
+            buffers: dict = {}  # reused across displacements: large fresh allocations cost page faults on CPU
             for j, X, Y, keep in self._pairs(xc):
-                bins = self.bins[c0:c1, j, None].double()
-                ix = self._bin(X, 0, c0, c1, j, bins)
-                iy = self._bin(Y, 1, c0, c1, j, bins)
-                local = (torch.arange(c1 - c0, device=X.device)[:, None] * b_max + ix) * b_max + iy
-                if keep is not None:
-                    local = local[keep]
-                self.hist[c0:c1, j] += torch.bincount(local.flatten(), minlength=(c1 - c0) * b_max * b_max).view(
-                    c1 - c0, b_max * b_max)
+                bins = self.bins[c0:c1, j].view(shape).to(torch.float64)
+                ix = self._bin(X, 0, c0, c1, j, bins, shape, buffers, "x")
+                iy = self._bin(Y, 1, c0, c1, j, bins, shape, buffers, "y")
+                # (c, i_X, i_Y) -> one flat index, in float64 (exact: far below 2**53), then one integer cast
+                flat = ix.mul_(b_max).add_(iy).add_(channel)
+                flat = (flat[keep] if keep is not None else flat.flatten()).long()
+                counts = torch.bincount(flat, minlength=(c1 - c0) * b_max * b_max)
+                self.hist[c0:c1, j] += counts.view(c1 - c0, b_max * b_max)
 
-    def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor) -> Tensor:
-        lo = self.lo[side, c0:c1, j, None]
-        width = self.range[side, c0:c1, j, None]
+    def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor, shape, buffers: dict,
+             key: str) -> Tensor:
+        lo = self.lo[side, c0:c1, j].view(shape)
+        width = self.range[side, c0:c1, j].view(shape)
+        # A zero width (constant vector absorbing the 1e-12) puts everything in bin 0: (v - lo) * B / inf = 0.
+        width = torch.where(width > 0, width, math.inf)
+        buf = buffers.get(key)
+        if buf is None or buf.shape != V.shape:
+            buf = buffers[key] = torch.empty(V.shape, dtype=torch.float64, device=V.device)
         # Spec §3.3 step 6, in this order: floor((v - lo) * B / (hi - lo)), clipped to [0, B - 1].
-        idx = torch.floor((V - lo) * bins / width)
-        idx = torch.where(width > 0, idx, 0.0)
-        return torch.minimum(idx.clamp(min=0), bins - 1).long()
+        torch.sub(V, lo, out=buf)
+        return buf.mul_(bins).div_(width).floor_().clamp_(min=torch.zeros_like(bins), max=bins - 1)
 
     # -- finalise --------------------------------------------------------------------------------------
     def failure(self) -> str | None:
