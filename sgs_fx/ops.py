@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .optimizers import register_scaled
+
 __all__ = ["scale_grad", "SGSConvMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d", "BranchedConv", "sgs_class_for",
            "is_sgs_conv"]
 
@@ -71,6 +73,10 @@ class SGSConvMixin:
     def __reduce_ex__(self, protocol):
         # Derived classes are created at run time; pickle (torch.save, deepcopy) rebuilds them by base.
         return _rebuild_sgs_conv, (self._sgs_base,), self.__getstate__()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register_scaled(self._parameters["weight"])  # a copy's weight is a new tensor: the Adam check must know it
 
 
 class _SGSWeightOverrideMixin(SGSConvMixin):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .passes.instrument import _ADAPTIVE, get_scales, instrumented, set_scales, transform
+from .optimizers import ADAPTIVE
+from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
 
 logger = logging.getLogger("sgs_fx")
@@ -144,7 +145,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
 
 def _violations(opt, clip_grad_norm) -> list[str]:
     out = []
-    if isinstance(opt, _ADAPTIVE):
+    if isinstance(opt, ADAPTIVE):
         out.append(f"{type(opt).__name__} normalises each coordinate (SGS is defined for SGD)")
     elif not isinstance(opt, torch.optim.SGD):
         out.append(f"{type(opt).__name__} is not SGD; the lemma covers SGD, momentum, Nesterov and coupled L2")

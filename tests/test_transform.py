@@ -138,8 +138,10 @@ def test_pickle_and_deepcopy_roundtrip():
         assert all(torch.equal(a_, b_) for a_, b_ in zip(sgs_fx.get_scales(a).values(), sgs_fx.get_scales(b).values()))
 
 
-def test_adam_warns_once(caplog):
+@pytest.mark.parametrize("copied", [False, True])
+def test_adam_warns_once(caplog, copied):
     sgs = sgs_fx.transform(TinyNet())
+    sgs = copy.deepcopy(sgs) if copied else sgs
     x = torch.randn(2, 3, 16, 16)
     with caplog.at_level(logging.WARNING, logger="sgs_fx"):
         for opt in (torch.optim.SGD(sgs.parameters(), lr=0.1, momentum=0.9), torch.optim.Adam(sgs.parameters())):

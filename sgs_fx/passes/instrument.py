@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import SCALE_BUFFER, is_sgs_conv, sgs_class_for
+from ..optimizers import register_scaled
 from .select import FilterFn, default_filter, is_plain_conv, unwrap
 from .trace import find_conv_call_sites
 
@@ -112,7 +113,6 @@ def transform(
     )
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
-    _install_optimizer_check()
     return model
 
 
@@ -130,7 +130,7 @@ def _instrument_sgs(conv: nn.Module, order: int) -> None:
     conv.__class__ = sgs_class_for(type(conv))
     conv.register_buffer(SCALE_BUFFER, torch.ones(kernel, dtype=w.dtype, device=w.device), persistent=False)
     conv._sgs_order = order
-    _SCALED_PARAMS[id(w)] = w
+    register_scaled(w)
 
 
 def instrumented(model: nn.Module) -> dict[str, nn.Module]:
@@ -177,43 +177,3 @@ def set_scales(model: nn.Module, mapping: Mapping[str, Tensor]) -> None:
                     "rebuild it with transform(..., mode='branches', scales=...)"
                 )
 
-
-# --- Adam-family warning -------------------------------------------------------------------------------
-# SGS is defined for SGD; an adaptive optimizer divides each coordinate by its own second moment and
-# almost cancels a fixed per-element gradient factor (spec §1.5). The check runs as a global optimizer
-# step pre-hook so that it works with the user's own training loop; it looks at each optimizer once.
-import weakref
-
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-# Keyed by id(): tensors compare element-wise, so they cannot sit in a WeakSet; the weak values drop
-# an entry (and so its id) when the parameter dies.
-_SCALED_PARAMS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
-_CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
-_ADAPTIVE = tuple(
-    getattr(torch.optim, n)
-    for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor")
-    if hasattr(torch.optim, n)
-)
-_hook_handle = None
-
-
-def _check_optimizer(optimizer, args, kwargs):
-    if optimizer in _CHECKED:
-        return None
-    _CHECKED[optimizer] = True
-    if isinstance(optimizer, _ADAPTIVE) and any(
-        id(p) in _SCALED_PARAMS for g in optimizer.param_groups for p in g["params"]
-    ):
-        logger.warning(
-            "sgs_fx: %s steps SGS-instrumented weights; SGS is defined for SGD (plain, momentum, Nesterov). "
-            "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",
-            type(optimizer).__name__,
-        )
-    return None
-
-
-def _install_optimizer_check() -> None:
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_check_optimizer)

@@ -6,7 +6,7 @@ import copy
 from torch import nn
 
 from ..ops import SCALE_BUFFER, is_sgs_conv
-from .instrument import _SCALED_PARAMS
+from ..optimizers import unregister_scaled
 from .select import unwrap
 
 
@@ -30,7 +30,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _strip_sgs(conv: nn.Module) -> None:
-    _SCALED_PARAMS.pop(id(conv.weight), None)
+    unregister_scaled(conv.weight)
     conv.__class__ = conv._sgs_base
     delattr(conv, SCALE_BUFFER)
     conv.__dict__.pop("_sgs_order", None)
