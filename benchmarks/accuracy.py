@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import emit  # noqa: E402
 from sgs_fx.train import TrainConfig, train  # noqa: E402
 
 ARMS = {
@@ -64,10 +63,7 @@ def main(argv=None) -> int:
     print(f"\n{'arm':<18} {'test acc (mean ± std)':>24} {'s/epoch':>8}")
     for arm, t in table.items():
         print(f"{arm:<18} {100 * t['mean']:>15.2f} ± {100 * t['std']:.2f} (n={t['n']}) {t['s_per_epoch']:>8.1f}")
-    meta = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{platform.processor() or 'cpu'}", "torch": torch.__version__, "args": vars(args)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"meta": meta, "runs": results, "table": table}, indent=2))
+    emit(args, {"runs": results, "table": table}, args.json)
     return 0
 
 

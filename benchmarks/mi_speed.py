@@ -19,14 +19,12 @@ import argparse
 import gc
 import json
 import math
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +33,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 import sgs_fx  # noqa: E402
+from report import emit  # noqa: E402
 from sgs_fx.models import build_model  # noqa: E402
 
 
@@ -214,9 +214,7 @@ def main(argv=None) -> int:
     results["one_batch_activations_bytes"] = activation_bytes(model, batches[0])
     results["naive_slice"] = naive_vs_ours(args.naive_images, args.synthetic)
     results["ours_vs_official_speedup"] = results["official"]["seconds"] / results["ours"]["seconds"]
-    meta = {"date": str(date.today()), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "args": vars(args)}
-    print(json.dumps({"meta": meta, "results": results}))
+    emit(args, results, args.json)
     mb = 2 ** 20
     print(f"\nours:     {results['ours']['seconds']:.2f} s, peak extra {results['ours']['peak_extra_bytes'] / mb:.0f} MB")
     print(f"official: {results['official']['seconds']:.2f} s, peak extra {results['official']['peak_extra_bytes'] / mb:.0f} MB"
@@ -226,8 +224,6 @@ def main(argv=None) -> int:
     n = results["naive_slice"]
     print(f"naive reference, first layer, {n['images']} images: {n['naive_s']:.2f} s vs ours {n['ours_s']:.4f} s "
           f"-> {n['speedup']:.0f}x (max |ΔS| {n['max_abs_diff']:.1e})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 
 

@@ -11,20 +11,19 @@ plus parameter bytes.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sgs_fx  # noqa: E402
 from sgs_fx.models import build_model  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def make_variants(name: str, width: float, compile_: bool) -> dict:
@@ -107,17 +106,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.width, args.rounds = 0.25, 6
     results = {m: bench(m, args.width, args.batch, args.rounds, args.warmup, args.compile) for m in args.models}
-    meta = {"date": str(date.today()), "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "args": vars(args)}
-    print(json.dumps({"meta": meta, "results": results}))
+    emit(args, results, args.json)
     print(f"\n{'model':<10} {'variant':<16} {'step (s)':>9} {'time/plain':>11} {'saved-for-bw/plain':>19} {'params MB':>10}")
     for m, res in results.items():
         for k, r in res.items():
             saved = f"{r['saved_ratio_vs_plain']:.2f}" if "saved_ratio_vs_plain" in r else "-"
             print(f"{m:<10} {k:<16} {r['median_step_s']:>9.4f} {r['ratio_vs_plain']:>11.3f} {saved:>19} "
                   f"{r['params_bytes'] / 2**20:>10.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 
 

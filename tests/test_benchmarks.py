@@ -24,5 +24,5 @@ def test_gpu_recipe_smoke():
 def test_accuracy_study_smoke(tmp_path):
     out = _run("benchmarks/accuracy.py", "--data", "synthetic", "--epochs", "1", "--seeds", "0", "--width", "0.0625",
                "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "acc.json"))
-    table = json.loads((tmp_path / "acc.json").read_text())["table"]
+    table = json.loads((tmp_path / "acc.json").read_text())["results"]["table"]
     assert set(table) == {"baseline", "sgs_mi", "branches_acb", "fixed_acb_scales"} and "mean ± std" in out

@@ -1,14 +1,8 @@
 """The MI estimator (spec §3) against the naive reference, edge cases, streaming, DDP."""
-import os
-import tempfile
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import sgs_fx

@@ -11,7 +11,6 @@ from torch import nn
 
 import sgs_fx
 from helpers import Dynamic
-from sgs_fx.scaling.mi import ConvGeometry, PairStats
 
 
 def small_net():

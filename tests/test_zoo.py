@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torchvision
 from torchvision import models
 
 import sgs_fx
