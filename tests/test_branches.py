@@ -52,6 +52,8 @@ def test_bad_recipes():
         sgs_fx.equivalent_scales([((2, 3), 1.0)])
     with pytest.raises(ValueError, match="uncovered"):
         sgs_fx.equivalent_scales([((1, 1), 1.0)])
+    with pytest.raises(ValueError, match="conv '0': recipe 'acb' needs odd kernel sizes.*filter_fn"):
+        sgs_fx.transform(nn.Sequential(nn.Conv2d(1, 1, 4)), mode="branches", branches="acb")
     with pytest.raises(ValueError, match="either scales= .* or branches="):
         sgs_fx.transform(nn.Sequential(nn.Conv2d(1, 1, 3)), mode="branches", branches="acb", scales={"0": torch.ones(3, 3)})
 

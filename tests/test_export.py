@@ -9,6 +9,7 @@ from torch import nn
 import sgs_fx
 from helpers import random_scales
 from sgs_fx.models import build_model
+from sgs_fx.passes.select import default_filter
 
 
 def _train_a_little(model, x, steps=3):
@@ -22,7 +23,9 @@ def _train_a_little(model, x, steps=3):
 
 
 def check_export(model, x, tmp_path, mode="sgs"):
-    kwargs = {"scales": None} if mode == "sgs" else {"branches": "acb"}
+    # branch recipes need odd kernels: a 4x4 patchify stem (ConvNeXt) stays a plain conv
+    kwargs = {"scales": None} if mode == "sgs" else {
+        "branches": "acb", "filter_fn": lambda n, m: default_filter(n, m) and all(k % 2 for k in m.kernel_size)}
     sgs = sgs_fx.transform(model, mode=mode, **kwargs)
     if mode == "sgs":
         sgs_fx.set_scales(sgs, random_scales(sgs, dtype=torch.float32))

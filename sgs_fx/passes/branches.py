@@ -27,7 +27,11 @@ def instrument_branches(model: nn.Module, names: list[str], *, start: int, scale
         conv = model.get_submodule(name)
         kernel = tuple(conv.kernel_size)
         if branches is not None:
-            spec = branches_from(branches, kernel)
+            try:
+                spec = branches_from(branches, kernel)
+            except ValueError as exc:
+                raise ValueError(f"transform(mode='branches'): conv {name!r}: {exc}; or leave it out with filter_fn, "
+                                 "e.g. lambda name, m: all(k % 2 for k in m.kernel_size)") from exc
         else:
             s = validate_scale(name, scales[name], kernel) if scales and name in scales else torch.ones(kernel)
             spec = level_set_branches(s)
