@@ -72,6 +72,13 @@ def test_get_set_scales_validate_and_renormalise():
         sgs_fx.set_scales(sgs, {"nope": torch.ones(3, 3)})
     with pytest.raises(ValueError, match="'point'"):  # 1x1 is not selected by default
         sgs_fx.set_scales(sgs, {"point": torch.ones(1, 1)})
+    before = sgs_fx.get_scales(sgs)["stem"]
+    with pytest.raises(ValueError, match="'even'"):  # all or nothing: stem is not written either
+        sgs_fx.set_scales(sgs, {"stem": torch.rand(3, 3) + 1, "even": -torch.ones(2, 2)})
+    assert torch.equal(sgs_fx.get_scales(sgs)["stem"], before)
+    branched = sgs_fx.transform(TinyNet(), mode="branches", filter_fn=lambda n, m: n == "stem")
+    with pytest.raises(ValueError, match="'stem' is a branched block"):
+        sgs_fx.set_scales(branched, {"stem": torch.ones(3, 3)})
 
 
 def test_bad_input():

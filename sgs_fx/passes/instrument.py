@@ -141,8 +141,8 @@ def instrumented(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def get_scales(model: nn.Module) -> dict[str, Tensor]:
-    """Qualified name -> S (a copy, mean 1) for every instrumented conv."""
-    return {name: m.scale.detach().clone() if not is_sgs_conv(m) else m.sgs_scale.detach().clone()
+    """Qualified name -> S (a copy, mean 1) for every instrumented conv (a branched block's equivalent S)."""
+    return {name: (m.sgs_scale if is_sgs_conv(m) else m.scale).detach().clone()
             for name, m in instrumented(model).items()}
 
 
@@ -165,15 +165,13 @@ def set_scales(model: nn.Module, mapping: Mapping[str, Tensor]) -> None:
     if unknown:
         known = ", ".join(list(convs)[:6]) + (", ..." if len(convs) > 6 else "")
         raise ValueError(f"set_scales: no instrumented conv named {unknown[0]!r} (known: {known or 'none'})")
+    branched = [n for n in mapping if not is_sgs_conv(convs[n])]
+    if branched:
+        raise ValueError(
+            f"set_scales: {branched[0]!r} is a branched block, whose S is fixed by its branches; "
+            "rebuild it with transform(..., mode='branches', scales=...)"
+        )
     checked = {n: validate_scale(n, s, tuple(convs[n].kernel_size)) for n, s in mapping.items()}
-    with torch.no_grad():
+    with torch.no_grad():  # every S is checked before any is written
         for name, s in checked.items():
-            m = convs[name]
-            if is_sgs_conv(m):
-                m.sgs_scale.copy_(s)
-            else:
-                raise ValueError(
-                    f"set_scales: {name!r} is a branched block, whose S is fixed by its branches; "
-                    "rebuild it with transform(..., mode='branches', scales=...)"
-                )
-
+            convs[name].sgs_scale.copy_(s)
