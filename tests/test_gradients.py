@@ -41,7 +41,7 @@ def test_tinynet_float64_every_flavour():
     assert_scaled(_grads(plain, x), _grads(sgs, x), scales)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)  # reproducible in CI
 @given(
     dims=st.integers(1, 3),
     kernel=st.integers(1, 4),
