@@ -144,7 +144,9 @@ class PairStats:
         self.bins = torch.tensor([(n - 1).bit_length() + 1 if n > 1 else 1 for n in counts],
                                  dtype=torch.int64, device=self.count.device).view_as(self.count)
         self.b_max = int(self.bins.max().item()) if self.bins.numel() else 1
-        self.range = self.hi + _RANGE_EPS - self.lo
+        width = self.hi + _RANGE_EPS - self.lo
+        # A zero width (a constant vector absorbing the 1e-12) puts everything in bin 0: (v - lo) * B / inf = 0.
+        self.width = torch.where(width > 0, width, math.inf)
         self.hist = torch.zeros(self.channels, len(self.geometry.displacements), self.b_max * self.b_max,
                                 dtype=torch.int64, device=self.count.device)
 
@@ -173,9 +175,7 @@ class PairStats:
     def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor, shape, buffers: dict,
              key: str) -> Tensor:
         lo = self.lo[side, c0:c1, j].view(shape)
-        width = self.range[side, c0:c1, j].view(shape)
-        # A zero width (constant vector absorbing the 1e-12) puts everything in bin 0: (v - lo) * B / inf = 0.
-        width = torch.where(width > 0, width, math.inf)
+        width = self.width[side, c0:c1, j].view(shape)
         buf = buffers.get(key)
         if buf is None or buf.shape != V.shape:
             buf = buffers[key] = torch.empty(V.shape, dtype=torch.float64, device=V.device)
