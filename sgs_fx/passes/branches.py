@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..ops import BranchedConv
 from ..scaling.equivalence import branches_from, level_set_branches
 from .instrument import validate_scale
+from .select import replace_submodule
 
 
 def instrument_branches(model: nn.Module, names: list[str], *, start: int, scales: Mapping[str, Tensor] | None,
@@ -37,5 +38,4 @@ def instrument_branches(model: nn.Module, names: list[str], *, start: int, scale
             spec = level_set_branches(s)
         block = BranchedConv(conv, spec)
         block._sgs_order = start + i
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, block)
+        replace_submodule(model, name, block)

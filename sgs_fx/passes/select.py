@@ -34,3 +34,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def replace_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    """Put ``new`` where ``root.<qualname>`` is (the name stays, so state_dict keys keep their prefix)."""
+    if not qualname:
+        raise ValueError("sgs_fx: cannot replace the root module itself; transform or strip its parent instead")
+    parent, _, child = qualname.rpartition(".")
+    setattr(root.get_submodule(parent), child, new)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops import SCALE_BUFFER, is_sgs_conv
 from ..optimizers import unregister_scaled
-from .select import unwrap
+from .select import replace_submodule, unwrap
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -25,7 +25,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if is_sgs_conv(m):
             _strip_sgs(m)
         elif getattr(m, "_sgs_leaf", False):
-            _replace(root, name, m.fold())
+            replace_submodule(root, name, m.fold())
     return model
 
 
@@ -36,9 +36,3 @@ def _strip_sgs(conv: nn.Module) -> None:
     conv.__dict__.pop("_sgs_order", None)
     conv.__dict__.pop("_sgs_in_forward", None)
 
-
-def _replace(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    if not qualname:
-        raise ValueError("sgs_fx.strip: the root module itself is a branched block; use block.fold()")
-    parent_name, _, child = qualname.rpartition(".")
-    setattr(root.get_submodule(parent_name), child, new)
