@@ -203,14 +203,18 @@ class BranchedConv(nn.Module):
     def weight(self) -> Tensor:
         """The folded kernel Σ α_i (M_i ⊙ V_i), zero-extended to the full window (differentiable)."""
         full = None
-        for i, (branch, window) in enumerate(zip(self.branches, self._windows)):
-            if window is None:
-                term = branch.weight * getattr(self, f"mask{i}") * self.alpha[i]
-            else:
-                pad = [p for k, w in zip(reversed(self.kernel_size), reversed(window)) for p in ((k - w) // 2,) * 2]
-                term = F.pad(branch.weight * self.alpha[i], pad)
+        for i, window in enumerate(self._windows):
+            term = self._branch_kernel(i)
+            if window is not None:
+                term = F.pad(term, [p for k, w in zip(reversed(self.kernel_size), reversed(window))
+                                    for p in ((k - w) // 2,) * 2])
             full = term if full is None else full + term
         return full
+
+    def _branch_kernel(self, i: int) -> Tensor:
+        """α_i (M_i ⊙ V_i) on the branch's own window (the mask is implicit for a window branch)."""
+        v = self.branches[i].weight
+        return v * (getattr(self, f"mask{i}") * self.alpha[i]) if self._windows[i] is None else v * self.alpha[i]
 
     @property
     def scale(self) -> Tensor:
@@ -230,15 +234,13 @@ class BranchedConv(nn.Module):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
         out = None
-        for i, (branch, window) in enumerate(zip(self.branches, self._windows)):
-            if window is None:
-                y = self._conv_fn(x, branch.weight * (getattr(self, f"mask{i}") * self.alpha[i]), None,
-                                  self.stride, 0, self.dilation, self.groups)
-            else:
+        for i, window in enumerate(self._windows):
+            xi = x
+            if window is not None:
                 crop = tuple(slice(d * (k - w) // 2, x.shape[2 + a] - d * (k - w) // 2)
                              for a, (k, w, d) in enumerate(zip(self.kernel_size, window, self.dilation)))
-                y = self._conv_fn(x[(slice(None), slice(None), *crop)], branch.weight * self.alpha[i], None,
-                                  self.stride, 0, self.dilation, self.groups)
+                xi = x[(slice(None), slice(None), *crop)]
+            y = self._conv_fn(xi, self._branch_kernel(i), None, self.stride, 0, self.dilation, self.groups)
             out = y if out is None else out + y
         if self.bias is not None:
             out = out + self.bias.view(1, -1, *([1] * len(self.kernel_size)))
