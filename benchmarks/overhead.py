@@ -1,16 +1,31 @@
-"""Train-step cost of SGS and of real branch blocks, relative to the plain model (issues 2 and 3).
+"""Train-step cost of SGS, of the official post-backward multiply and of real branch blocks, vs the plain model.
 
-Variants: plain, sgs (transform + random S), branches_acb, branches_repvgg; optionally torch.compile'd
-plain vs sgs. Steps are interleaved (one step of every variant per round, in a rotating order) and the
-figure of merit is the median over rounds of the per-round ratio variant / plain, so drift of a shared
-machine cancels. Memory: bytes of tensors saved for backward (activations, exact and deterministic)
-plus parameter bytes.
+Variants (each its own copy of the same initial model, SGD momentum):
+  plain              the untransformed model
+  sgs                sgs_fx.transform + random S (the gradient hook on each weight)
+  sgs_per_use        the same, forced to scale per use (the autograd function of sgs_fx 0.1)
+  official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
+                     backward (what the official implementation does)
+  branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
+  *_compiled         torch.compile'd plain / sgs (with --compile, or always on CUDA)
 
-    .venv/bin/python benchmarks/overhead.py [--quick] [--compile] [--json out.json]
+Regimes:
+  default            compute-bound CPU: full width, batch 64, 32x32, the machine's threads
+  --dispatch-bound   host-bound CPU, the regime of a GPU step at CIFAR sizes: width 0.125, batch 8, one thread,
+                     ResNet-18 at 16x16 and VGG-11-BN at 32x32
+  --device cuda      full width, batch 128, bf16 autocast, channels_last, fused SGD, CUDA-synchronised timing
+
+Steps are interleaved (``inner`` steps of every variant per round, in a rotating order) and the figure of
+merit is the median over rounds of the per-round ratio variant / plain, so drift of a shared machine
+cancels. Memory (CPU): bytes of tensors saved for backward plus parameter bytes.
+
+    python benchmarks/overhead.py [--quick] [--compile] [--dispatch-bound] [--device cuda] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -26,24 +41,73 @@ from sgs_fx.models import build_model  # noqa: E402
 from report import emit  # noqa: E402
 
 
-def make_variants(name: str, width: float, compile_: bool) -> dict:
+class Setting:
+    """Everything a regime fixes: sizes, device, precision, how a step is timed."""
+
+    def __init__(self, args, model: str):
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.width, self.batch = args.width, args.batch
+        self.hw = args.hw if args.hw else (16 if (args.dispatch_bound and model == "resnet18") else 32)
+        self.channels_last = self.cuda
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+        # One CPU thread: the thread's CPU time ignores the time other processes on a shared machine take
+        # from it, which is most of the noise; with a GPU or several threads only wall time means anything.
+        self.clock = time.thread_time if (args.dispatch_bound and not self.cuda) else time.perf_counter
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _random_scales(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(tuple(m.kernel_size), generator=g) + 0.5 for n, m in sgs_fx.instrumented(model).items()}
+
+
+def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dict:
     torch.manual_seed(0)
-    plain = build_model(name, width=width)
+    plain = build_model(name, width=st.width)
     sgs = sgs_fx.transform(plain)
-    sgs_fx.set_scales(sgs, {n: torch.rand(tuple(m.kernel_size)) + 0.5 for n, m in sgs_fx.instrumented(sgs).items()})
-    variants = {"plain": plain, "sgs": sgs,
-                "branches_acb": sgs_fx.transform(plain, mode="branches", branches="acb"),
-                "branches_repvgg": sgs_fx.transform(plain, mode="branches", branches="repvgg")}
+    scales = _random_scales(sgs)
+    sgs_fx.set_scales(sgs, scales)
+    per_use = copy.deepcopy(sgs)
+    for conv in sgs_fx.instrumented(per_use).values():
+        conv.__dict__["_sgs_per_use"] = True
+        sgs_fx.ops.attach_hook(conv)
+    variants = {"plain": plain, "sgs": sgs, "sgs_per_use": per_use, "official": copy.deepcopy(plain)}
+    if branches:
+        variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")
     if compile_:
-        variants["plain_compiled"] = torch.compile(build_model(name, width=width))
-        variants["sgs_compiled"] = torch.compile(sgs_fx.transform(build_model(name, width=width)))
-    return variants
+        variants["plain_compiled"] = copy.deepcopy(plain)
+        variants["sgs_compiled"] = copy.deepcopy(sgs)
+    for k, m in variants.items():
+        m.to(st.device)
+        if st.channels_last:
+            m.to(memory_format=torch.channels_last)
+    # the official approach: .grad of each selected conv weight times S (expanded views), after backward
+    official = variants["official"]
+    pairs = [(official.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
+    official._sgs_official = pairs
+    steps = {}
+    for k, m in variants.items():
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=st.cuda or None)
+        fwd = torch.compile(m) if k.endswith("_compiled") else m
+        steps[k] = _make_step(fwd, opt, st, getattr(m, "_sgs_official", None))
+    return variants, steps
 
 
-def train_step(model, opt, x, y) -> None:
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+def _make_step(fwd, opt, st: Setting, official_pairs):
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        with st.autocast:
+            loss = F.cross_entropy(fwd(x), y)
+        loss.backward()
+        if official_pairs is not None:
+            grads = [w.grad for w, _ in official_pairs]
+            torch._foreach_mul_(grads, [s.expand_as(g) for (_, s), g in zip(official_pairs, grads)])
+        opt.step()
+    return step
 
 
 def saved_bytes(model, x, y) -> int:
@@ -60,59 +124,84 @@ def saved_bytes(model, x, y) -> int:
     return total
 
 
-def bench(name: str, width: float, batch: int, rounds: int, warmup: int, compile_: bool) -> dict:
-    variants = make_variants(name, width, compile_)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
-    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in variants.items()}
-    for k, m in variants.items():
-        for _ in range(warmup):
-            train_step(m, opts[k], x, y)
+def bench(name: str, args) -> dict:
+    st = Setting(args, name)
+    variants, steps = make_variants(name, st, args.compile or st.cuda, branches=not args.dispatch_bound)
+    x = torch.randn(st.batch, 3, st.hw, st.hw, device=st.device)
+    if st.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (st.batch,), device=st.device)
+    for k in variants:
+        for _ in range(args.warmup):
+            steps[k](x, y)
+    st.sync()
     times = {k: [] for k in variants}
     keys = list(variants)
-    for r in range(rounds):
+    for r in range(args.rounds):
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         for k in order:
-            t0 = time.perf_counter()
-            train_step(variants[k], opts[k], x, y)
-            times[k].append(time.perf_counter() - t0)
+            st.sync()
+            t0 = st.clock()
+            for _ in range(args.inner):
+                steps[k](x, y)
+            st.sync()
+            times[k].append((st.clock() - t0) / args.inner)
     out = {}
     for k in keys:
         base = "plain_compiled" if k.endswith("_compiled") else "plain"
         ratios = [a / b for a, b in zip(times[k], times[base])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else None
         out[k] = {"median_step_s": statistics.median(times[k]), "ratio_vs_plain": statistics.median(ratios),
-                  "ratio_iqr": [statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]]
-                  if len(ratios) >= 4 else None,
+                  "ratio_iqr": [q[0], q[2]] if q else None,
                   "params_bytes": sum(p.numel() * p.element_size() for p in variants[k].parameters())}
-        if not k.endswith("_compiled"):
+        if not st.cuda and not k.endswith("_compiled"):
             out[k]["saved_for_backward_bytes"] = saved_bytes(variants[k], x, y)
     for k in keys:
         if "saved_for_backward_bytes" in out[k]:
             out[k]["saved_ratio_vs_plain"] = out[k]["saved_for_backward_bytes"] / out["plain"]["saved_for_backward_bytes"]
+    out["setting"] = {"device": str(st.device), "width": st.width, "batch": st.batch, "hw": st.hw,
+                      "threads": torch.get_num_threads(), "autocast_bf16": st.cuda, "channels_last": st.channels_last,
+                      "gpu": torch.cuda.get_device_name() if st.cuda else None}
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "vgg11_bn"])
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--width", type=float, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--hw", type=int, default=None, help="input size (default 32; 16 for ResNet-18 when dispatch-bound)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--inner", type=int, default=None, help="steps of one variant per round")
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also plain vs SGS under torch.compile (inductor)")
-    p.add_argument("--quick", action="store_true", help="width 0.25, 6 rounds (a minute)")
+    p.add_argument("--dispatch-bound", action="store_true",
+                   help="host-bound CPU regime: width 0.125, batch 8, 1 thread (a proxy of a GPU step)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and a narrow model (a minute)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.dispatch_bound:
+        torch.set_num_threads(1)
+    defaults = ((0.125, 8, 101, 3) if args.dispatch_bound else (1.0, 128, 21, 10) if cuda else (1.0, 64, 15, 1))
+    for attr, value in zip(("width", "batch", "rounds", "inner"), defaults):
+        if getattr(args, attr) is None:
+            setattr(args, attr, value)
     if args.quick:
-        args.width, args.rounds = 0.25, 6
-    results = {m: bench(m, args.width, args.batch, args.rounds, args.warmup, args.compile) for m in args.models}
+        args.rounds = min(args.rounds, 9)
+        if not args.dispatch_bound and not cuda:
+            args.width = 0.25
+    results = {m: bench(m, args) for m in args.models}
     emit(args, results, args.json)
-    print(f"\n{'model':<10} {'variant':<16} {'step (s)':>9} {'time/plain':>11} {'saved-for-bw/plain':>19} {'params MB':>10}")
+    print(f"\n{'model':<10} {'variant':<15} {'step (ms)':>10} {'time/plain':>11} {'IQR':>15} {'saved-for-bw/plain':>19}")
     for m, res in results.items():
         for k, r in res.items():
+            if k == "setting":
+                continue
             saved = f"{r['saved_ratio_vs_plain']:.2f}" if "saved_ratio_vs_plain" in r else "-"
-            print(f"{m:<10} {k:<16} {r['median_step_s']:>9.4f} {r['ratio_vs_plain']:>11.3f} {saved:>19} "
-                  f"{r['params_bytes'] / 2**20:>10.2f}")
+            iqr = f"[{r['ratio_iqr'][0]:.3f}, {r['ratio_iqr'][1]:.3f}]" if r["ratio_iqr"] else "-"
+            print(f"{m:<10} {k:<15} {r['median_step_s'] * 1e3:>10.2f} {r['ratio_vs_plain']:>11.3f} {iqr:>15} {saved:>19}")
     return 0
 
 

@@ -7,7 +7,8 @@
 """
 from .export.onnx import ExportMismatchError, ExportReport, export_onnx
 from .ops import scale_grad
-from .passes.instrument import get_scales, instrumented, set_scales, transform
+from .passes.instrument import transform
+from .passes.registry import get_scales, instrumented, set_scales
 from .passes.strip import strip
 from .scaling.mi import dependence
 from .scaling.equivalence import equivalent_scales

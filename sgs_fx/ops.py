@@ -1,25 +1,45 @@
-"""The autograd op and the instrumented conv modules.
+"""The SGS mechanism: a gradient hook on the conv's weight, and the instrumented conv classes.
 
-`scale_grad(weight, scale)` is the whole of SGS at training time: an identity in the forward pass and
-an element-wise multiplication of the incoming gradient by the spatial matrix S in the backward pass.
-It sits in the forward graph of the conv module (not in a parameter hook), which keeps it exact under
-gradient accumulation, DDP, FSDP2, autocast and `torch.compile` (see DESIGN.md).
+SGS multiplies the gradient of a conv's weight element-wise by the spatial matrix S (spec §1). sgs_fx does
+it with a tensor hook on the weight Parameter the conv actually uses: the hook runs in the backward pass,
+on each incoming gradient *before* it is accumulated into ``.grad``, so micro-batches are each scaled once
+(``.grad = S ⊙ Σ G``), DDP and FSDP2 reduce the scaled gradient, and GradScaler's unscaling commutes with it.
+The hook is ``functools.partial(Tensor.mul, other=S)``: a C function, so the backward pass gains one
+multiplication per conv and no Python frame. That is what makes SGS as cheap as a plain step when a step
+is bound by host-side per-op work (small models, GPUs): the first version's autograd.Function cost two
+Python calls per conv per step (1.28-1.33x an eager GPU step).
+
+A hook lives on a Parameter *object*, and wrappers replace those objects (FSDP2's unsharded parameter,
+``load_state_dict(assign=True)``, ``to()`` with swapped tensors, copies, ``torch.func.functional_call``).
+So the conv checks, at every eager forward, that the hook sits on the weight and S it is about to use, and
+re-attaches it otherwise (two identity tests); ``_apply``, ``_load_from_state_dict``, ``__setattr__`` and
+unpickling re-attach it eagerly, which covers ``torch.compile``, whose traced forward cannot run the check.
+
+Where one Parameter feeds several SGS convs (tied weights), a single hook cannot give each use its own S:
+those convs scale *per use* instead, with ``scale_grad`` (an autograd function in the forward graph, exact
+and slower), so the tied weight gets S₁ ⊙ G₁ + S₂ ⊙ G₂.
 
 An instrumented conv is the *same module object* with its class swapped for an SGS subclass of its own
-class, so qualified names, parameters, hooks, `isinstance` checks and the state_dict stay as they were.
+class, so qualified names, parameters, hooks, ``isinstance`` checks and the state_dict stay as they were.
 """
 from __future__ import annotations
 
-import math
+import copy
+import functools
+import logging
+import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.utils import parametrize
 
-from .optimizers import register_scaled
+from .optimizers import register_scaled, unregister_scaled
 
-__all__ = ["scale_grad", "SGSConvMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d", "BranchedConv", "sgs_class_for",
-           "is_sgs_conv"]
+__all__ = ["scale_grad", "SGSConvMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
+           "attach_hook", "detach_hook", "scale_dtype"]
+
+logger = logging.getLogger("sgs_fx")
 
 SCALE_BUFFER = "sgs_scale"
 
@@ -43,7 +63,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def scale_grad(weight: Tensor, scale: Tensor) -> Tensor:
-    """Return ``weight`` unchanged; its gradient is multiplied by ``scale`` in backward.
+    """Return ``weight`` unchanged; its gradient is multiplied by ``scale`` in backward (per use).
 
     Args:
         weight: conv kernel, shape (C_out, C_in/groups, K_1, ..., K_n).
@@ -52,42 +72,213 @@ def scale_grad(weight: Tensor, scale: Tensor) -> Tensor:
     return _ScaleGrad.apply(weight, scale)
 
 
-_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """S is kept in float32 at least: a bf16 S would be off by up to 4e-3 from the S that was set."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _mul_cast(scale: Tensor, grad: Tensor) -> Tensor:
+    return grad * scale.to(grad.dtype)
+
+
+class _HookState:
+    """Which weight tensor and which S a conv's hook was attached for, and its handle.
+
+    Strong references, not weakrefs: ``torch.utils.swap_tensors`` (``to()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have weakrefs.
+    """
+
+    __slots__ = ("param", "scale", "handle", "hooked")
+
+    def __init__(self, param, scale, handle):
+        self.param, self.scale, self.handle = param, scale, handle
+        self.hooked = handle is not None
+
+
+def _tracing() -> bool:
+    # torch.compile and torch.fx trace the forward; the hooks were attached eagerly (see attach_hook's callers)
+    return torch.compiler.is_compiling() or is_fx_symbolic_tracing()
+
+
+# id(weight) -> the conv whose hook is on it: a second conv on the same weight makes both scale per use.
+_OWNERS: "dict[int, weakref.ref]" = {}
+
+
+def hook_target(conv: nn.Module) -> Tensor | None:
+    """The trained tensor whose gradient S scales, found without computing anything.
+
+    The ``weight`` Parameter; for a weight under ``torch.nn.utils.parametrize`` (``spectral_norm``,
+    ``weight_norm``, orthogonal, ...), the parametrization's original tensor of the kernel's full shape
+    (spectral_norm: ``original``; weight_norm: ``original1``, the direction ``v``; its per-channel
+    magnitude ``g`` is not a spatial kernel and is left alone). Reading ``conv.weight`` instead would run
+    the parametrization, e.g. one spectral-norm power iteration.
+    """
+    w = conv._parameters.get("weight")
+    if w is not None or not parametrize.is_parametrized(conv, "weight"):
+        return w
+    full = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+    originals = [p for n, p in conv.parametrizations.weight.named_parameters(recurse=False) if n.startswith("original")]
+    return next((p for p in originals if tuple(p.shape) == full), None)
+
+
+def attach_hook(conv: nn.Module) -> None:
+    """(Re)attach ``conv``'s gradient hook to its current weight Parameter and S buffer."""
+    detach_hook(conv)
+    w = hook_target(conv)
+    s = conv._buffers.get(SCALE_BUFFER)
+    if w is None or s is None:
+        return
+    if not conv.__dict__.get("_sgs_per_use", False):
+        other = _OWNERS.get(id(w))
+        other = other() if other is not None else None
+        if other is not None and other is not conv and is_sgs_conv(other) and hook_target(other) is w:
+            logger.warning(
+                "sgs_fx: the SGS convs %s and %s share one weight Parameter; each now scales its own use "
+                "(the weight's gradient is S1*G1 + S2*G2), at the cost of an autograd function per call",
+                type(other).__name__, type(conv).__name__)
+            other.__dict__["_sgs_per_use"] = True
+            attach_hook(other)
+            conv.__dict__["_sgs_per_use"] = True
+    handle = None
+    if not conv.__dict__.get("_sgs_per_use", False):
+        fn = functools.partial(torch.Tensor.mul, other=s) if s.dtype == w.dtype else functools.partial(_mul_cast, s)
+        if w.requires_grad:
+            handle = _register(w, fn)
+        elif w.grad_fn is None and not w.is_inference():
+            # A frozen weight may be unfrozen later (fine-tuning): the hook must already be there.
+            w.requires_grad_(True)
+            try:
+                handle = _register(w, fn)
+            finally:
+                w.requires_grad_(False)
+        if w.grad_fn is None:
+            key = id(w)
+            _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _OWNERS.pop(key, None) if _OWNERS.get(key) is ref
+                                       else None)
+    conv.__dict__["_sgs_hook"] = _HookState(w, s, handle)
+    register_scaled(w)
+
+
+def _register(w: Tensor, fn) -> object:
+    had_hooks = w._backward_hooks is not None
+    handle = w.register_hook(fn)
+    if had_hooks and w.grad_fn is None:
+        # torch.utils.swap_tensors moves the Python hook dict to the new tensor without registering it with
+        # autograd, and register_hook only adds to an existing dict: assigning the dict registers it again.
+        w._backward_hooks = w._backward_hooks
+    return handle
+
+
+def detach_hook(conv: nn.Module) -> None:
+    """Remove ``conv``'s gradient hook (if any)."""
+    state = conv.__dict__.pop("_sgs_hook", None)
+    if state is None:
+        return
+    if state.handle is not None:
+        state.handle.remove()
+    owner = _OWNERS.get(id(state.param))
+    if owner is not None and owner() is conv:
+        del _OWNERS[id(state.param)]
+
+
+def _keep_scale(conv: nn.Module, old: Tensor | None) -> None:
+    """After ``to()`` / ``half()`` / ``to_empty()``: S in float32 at least, and valid after materialisation.
+
+    ``half()`` would otherwise round S to fp16, and ``to_empty()`` of a model built on the meta device
+    would leave S as uninitialised memory; S then comes from the float64 copy ``set_scales`` keeps.
+    """
+    new, w = conv._buffers.get(SCALE_BUFFER), hook_target(conv)
+    if old is None or new is None or w is None or new.is_meta:
+        return
+    source = conv.__dict__["_sgs_master"] if old.is_meta else old
+    conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
 
 
 class SGSConvMixin:
-    """Forward of a conv whose weight gradient is scaled by the buffer ``sgs_scale`` (S).
+    """An instrumented conv: its weight gradient is scaled by the buffer ``sgs_scale`` (S).
 
-    Used when the conv's class keeps torch's own forward: the scaled weight is passed to
-    ``_conv_forward``, which handles every padding mode.
+    Used directly when the conv's class keeps torch's own forward; see ``_SGSOwnForwardMixin`` otherwise.
     """
 
     _sgs_base: type  # the class this SGS class was derived from; `strip` restores it
+    _sgs_per_use = False
+
+    def _sgs_weight(self) -> Tensor:
+        """The weight for this forward: the hooked Parameter, or ``scale_grad(weight, S)`` per use."""
+        w = self._parameters.get("weight")
+        state = self.__dict__.get("_sgs_hook")
+        # The fast path: two identity tests (the hook sits on this weight and this S), nothing else.
+        if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
+            return w
+        return self._sgs_weight_slow(w)
+
+    def _sgs_weight_slow(self, w: Tensor | None) -> Tensor:
+        target = w if w is not None else hook_target(self)  # None: parametrized after transform
+        if not _tracing():  # a traced forward cannot register hooks; they were attached eagerly
+            state = self.__dict__.get("_sgs_hook")
+            if state is None or state.param is not target or state.scale is not self._buffers[SCALE_BUFFER]:
+                attach_hook(self)
+        if w is None:
+            return self.weight
+        if self.__dict__.get("_sgs_per_use", False):
+            return scale_grad(w, self._buffers[SCALE_BUFFER])
+        return w
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, scale_grad(self.weight, self.sgs_scale), self.bias)
+        # _sgs_weight's fast path, inlined: this runs for every conv of every step.
+        w = self._parameters.get("weight")
+        state = self.__dict__.get("_sgs_hook")
+        if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
+            w = self._sgs_weight_slow(w)
+        return self._conv_forward(input, w, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        old = self._buffers.get(SCALE_BUFFER)
+        out = super()._apply(fn, recurse)
+        _keep_scale(self, old)
+        attach_hook(self)  # new buffer objects (and with swapped tensors, hooks dropped from the weight)
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        attach_hook(self)  # load_state_dict(assign=True) puts new Parameter objects in place
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", SCALE_BUFFER) and SCALE_BUFFER in self.__dict__.get("_buffers", {}):
+            attach_hook(self)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", sgs=True"
+        return super().extra_repr() + (", sgs=per-use" if self._sgs_per_use else ", sgs=True")
+
+    def __deepcopy__(self, memo):
+        # Explicit so that classes with a __deepcopy__ of their own (parametrized modules) copy the same way:
+        # everything but the hook state, then a hook of the copy's own.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_sgs_hook"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        attach_hook(new)
+        return new
 
     def __reduce_ex__(self, protocol):
         # Derived classes are created at run time; pickle (torch.save, deepcopy) rebuilds them by base.
-        return _rebuild_sgs_conv, (self._sgs_base,), self.__getstate__()
+        # The hook state is not copied: a copy's weight is a new tensor and gets its own hook.
+        state = dict(self.__getstate__())
+        state.pop("_sgs_hook", None)
+        return _rebuild_sgs_conv, (self._sgs_base,), state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        register_scaled(self._parameters["weight"])  # a copy's weight is a new tensor: the Adam check must know it
+        attach_hook(self)
 
 
-class _SGSWeightOverrideMixin(SGSConvMixin):
+class _SGSOwnForwardMixin(SGSConvMixin):
     """For conv subclasses with a forward of their own (timm's same-padding or weight-standardised convs).
 
-    Inside forward, ``self.weight`` resolves to ``scale_grad(weight, S)``, so whatever the subclass does
-    with the weight (padding, standardisation) stays intact and the parameter's gradient is S ⊙ G.
-    Outside forward, ``self.weight`` is the Parameter itself.
+    Their forward runs unchanged on the hooked weight. Only when scaling per use (tied weights) does
+    ``self.weight`` resolve, inside forward, to ``scale_grad(weight, S)``.
     """
-
-    _sgs_in_forward = False
 
     @property
     def weight(self):
@@ -97,11 +288,25 @@ class _SGSWeightOverrideMixin(SGSConvMixin):
         return w
 
     def forward(self, *args, **kwargs):
+        self._sgs_weight()
+        if not self._sgs_per_use:
+            return self._sgs_base.forward(self, *args, **kwargs)
         self.__dict__["_sgs_in_forward"] = True
         try:
             return self._sgs_base.forward(self, *args, **kwargs)
         finally:
             self.__dict__["_sgs_in_forward"] = False
+
+
+class _SGSParametrizedMixin(SGSConvMixin):
+    """For convs whose weight is computed by ``torch.nn.utils.parametrize``: the hook sits on the original."""
+
+    def forward(self, *args, **kwargs):
+        if not _tracing():
+            state = self.__dict__.get("_sgs_hook")
+            if state is None or state.param is not hook_target(self) or state.scale is not self._buffers[SCALE_BUFFER]:
+                attach_hook(self)
+        return self._sgs_base.forward(self, *args, **kwargs)
 
 
 class SGSConv1d(SGSConvMixin, nn.Conv1d):
@@ -116,13 +321,14 @@ class SGSConv3d(SGSConvMixin, nn.Conv3d):
     _sgs_base = nn.Conv3d
 
 
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _STATIC = {nn.Conv1d: SGSConv1d, nn.Conv2d: SGSConv2d, nn.Conv3d: SGSConv3d}
 _DERIVED: dict[type, type] = {}
 
 
 def _keeps_torch_forward(cls: type) -> bool:
-    base = next(c for c in cls.__mro__ if c in _TORCH_CONVS)
-    return cls.forward is base.forward and cls._conv_forward is base._conv_forward
+    base = next((c for c in cls.__mro__ if c in _TORCH_CONVS), None)
+    return base is not None and cls.forward is base.forward and cls._conv_forward is base._conv_forward
 
 
 def sgs_class_for(cls: type) -> type:
@@ -130,7 +336,12 @@ def sgs_class_for(cls: type) -> type:
     if cls in _STATIC:
         return _STATIC[cls]
     if cls not in _DERIVED:
-        mixin = SGSConvMixin if _keeps_torch_forward(cls) else _SGSWeightOverrideMixin
+        if getattr(cls, "__module__", "") == parametrize.__name__ or cls.__name__.startswith("Parametrized"):
+            mixin = _SGSParametrizedMixin  # torch.nn.utils.parametrize's injected class
+        elif _keeps_torch_forward(cls):
+            mixin = SGSConvMixin
+        else:
+            mixin = _SGSOwnForwardMixin
         _DERIVED[cls] = type(f"SGS{cls.__name__}", (mixin, cls), {"_sgs_base": cls, "__module__": __name__})
     return _DERIVED[cls]
 
@@ -144,123 +355,8 @@ def is_sgs_conv(module: nn.Module) -> bool:
     return isinstance(module, SGSConvMixin)
 
 
-class BranchedConv(nn.Module):
-    """A conv trained as a linear multi-branch block: out = Σ_i α_i conv(x, M_i ⊙ V_i) + bias (spec §2.6).
-
-    Nothing manipulates gradients here: the branches are ordinary parameters, and the SGS dynamics emerge
-    from autograd alone, which is what makes this an honest check of the equivalence. A branch on a
-    centred window is a real smaller conv (its cost is real); any other mask is a full-size kernel times a
-    fixed mask. The input is padded once, as the original conv pads it; a window branch reads it cropped by
-    δ·c per side, which keeps output size and alignment under stride and dilation.
-
-    Args:
-        conv: the conv to replace; its hyper-parameters, bias and class (for ``fold``) are kept.
-        branches: ``sgs_fx.scaling.equivalence.Branch`` list.
-        normalise: divide every α by √mean(Σ α² M) so that S_raw has mean 1 and the block trains with the
-            same lr and weight decay as the SGS model (spec §2.6); False keeps the α as given.
-    """
-
-    _sgs_leaf = True
-
-    def __init__(self, conv: nn.Module, branches, *, normalise: bool = True):
-        super().__init__()
-        from .scaling.equivalence import raw_scale
-
-        self.kernel_size = tuple(conv.kernel_size)
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
-        self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
-        self._conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.kernel_size)]
-        # The original module, unregistered: `fold` rebuilds a conv of its exact class and settings.
-        self.__dict__["_template"] = conv
-        self.bias = conv.bias
-        m = raw_scale(branches).mean().item() if normalise else 1.0
-        w = conv.weight.detach()
-        covered = torch.zeros(self.kernel_size, dtype=torch.bool)
-        self.branches = nn.ModuleList()
-        alphas, self._windows = [], []
-        for i, b in enumerate(branches):
-            alpha = b.alpha / math.sqrt(m)
-            shape = b.window if b.window is not None else self.kernel_size
-            # Start: each tap's value goes to the first branch covering it, divided by its α.
-            crop = _window_slices(self.kernel_size, shape)
-            fresh = (b.mask & ~covered)[crop].to(w.device)
-            v = torch.where(fresh, w[(..., *crop)] / alpha, torch.zeros((), dtype=w.dtype, device=w.device))
-            covered |= b.mask
-            branch = nn.Module()
-            branch.weight = nn.Parameter(v, requires_grad=conv.weight.requires_grad)
-            self.branches.append(branch)
-            alphas.append(alpha)
-            self._windows.append(b.window)
-            if b.window is None:
-                self.register_buffer(f"mask{i}", b.mask.to(device=w.device, dtype=w.dtype), persistent=False)
-        if not covered.all():
-            raise ValueError("BranchedConv: the branches leave some kernel tap uncovered")
-        self.register_buffer("alpha", torch.tensor(alphas, dtype=w.dtype, device=w.device), persistent=False)
-
-    @property
-    def weight(self) -> Tensor:
-        """The folded kernel Σ α_i (M_i ⊙ V_i), zero-extended to the full window (differentiable)."""
-        full = None
-        for i, window in enumerate(self._windows):
-            term = self._branch_kernel(i)
-            if window is not None:
-                term = F.pad(term, [p for k, w in zip(reversed(self.kernel_size), reversed(window))
-                                    for p in ((k - w) // 2,) * 2])
-            full = term if full is None else full + term
-        return full
-
-    def _branch_kernel(self, i: int) -> Tensor:
-        """α_i (M_i ⊙ V_i) on the branch's own window (the mask is implicit for a window branch)."""
-        v = self.branches[i].weight
-        return v * (getattr(self, f"mask{i}") * self.alpha[i]) if self._windows[i] is None else v * self.alpha[i]
-
-    @property
-    def scale(self) -> Tensor:
-        """S of this block: Σ α² M normalised to mean 1 (float64)."""
-        s = sum(a ** 2 * self._mask(i).double().cpu() for i, a in enumerate(self.alpha.tolist()))
-        return s / s.mean()
-
-    def _mask(self, i: int) -> Tensor:
-        if self._windows[i] is None:
-            return getattr(self, f"mask{i}").bool()
-        from .scaling.equivalence import window_mask
-
-        return window_mask(self.kernel_size, self._windows[i])
-
-    def forward(self, x: Tensor) -> Tensor:
-        if any(self._reversed_padding_repeated_twice):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-        out = None
-        for i, window in enumerate(self._windows):
-            xi = x
-            if window is not None:
-                crop = tuple(slice(d * (k - w) // 2, x.shape[2 + a] - d * (k - w) // 2)
-                             for a, (k, w, d) in enumerate(zip(self.kernel_size, window, self.dilation)))
-                xi = x[(slice(None), slice(None), *crop)]
-            y = self._conv_fn(xi, self._branch_kernel(i), None, self.stride, 0, self.dilation, self.groups)
-            out = y if out is None else out + y
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, *([1] * len(self.kernel_size)))
-        return out
-
-    def fold(self) -> nn.Module:
-        """A conv of the original class and settings whose weight is the folded kernel."""
-        import copy
-
-        conv = copy.deepcopy(self._template)
-        with torch.no_grad():
-            conv.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self._template.weight.requires_grad)
-        conv.bias = self.bias
-        return conv
-
-    def extra_repr(self) -> str:
-        windows = ["x".join(map(str, w)) if w else "mask" for w in self._windows]
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, branches={windows}"
-
-
-def _window_slices(kernel, window) -> tuple[slice, ...]:
-    """Spatial slices of a centred ``window`` inside ``kernel``."""
-    return tuple(slice((k - w) // 2, (k - w) // 2 + w) for k, w in zip(kernel, window))
+def unregister_weight(conv: nn.Module) -> None:
+    """Forget ``conv``'s weight for the Adam check (on strip)."""
+    w = hook_target(conv)
+    if w is not None:
+        unregister_scaled(w)

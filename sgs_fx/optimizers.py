@@ -22,9 +22,9 @@ ADAPTIVE = tuple(
     if hasattr(torch.optim, n)
 )
 
-# Keyed by id(): tensors compare element-wise, so they cannot sit in a WeakSet; the weak values drop an
-# entry (and so its id) when the parameter dies.
-_SCALED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+# A mark on the Parameter itself, not a weak reference to it: torch.utils.swap_tensors (used by to() and
+# load_state_dict under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
+_MARK = "_sgs_scaled"
 _CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
 _hook = None
 
@@ -32,20 +32,20 @@ _hook = None
 def register_scaled(param: Tensor) -> None:
     """Mark ``param`` as a weight whose gradient SGS scales (and install the check once)."""
     global _hook
-    _SCALED[id(param)] = param
+    param.__dict__[_MARK] = True
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_check)
 
 
 def unregister_scaled(param: Tensor) -> None:
-    _SCALED.pop(id(param), None)
+    param.__dict__.pop(_MARK, None)
 
 
 def _check(optimizer, args, kwargs):
     if optimizer in _CHECKED:
         return None
     _CHECKED[optimizer] = True
-    if isinstance(optimizer, ADAPTIVE) and any(id(p) in _SCALED for g in optimizer.param_groups for p in g["params"]):
+    if isinstance(optimizer, ADAPTIVE) and any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
         logger.warning(
             "sgs_fx: %s steps SGS-instrumented weights; SGS is defined for SGD (plain, momentum, Nesterov). "
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",

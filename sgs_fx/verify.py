@@ -94,9 +94,9 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
         filter_fn: which convs (default: the paper's selection).
         loss_fn: (output, target_or_None) -> loss; default cross-entropy with a target, else mean square.
         dtype: float64 by default, where the equivalence is exact to rounding.
-        l2_in_loss: add l2_in_loss/2 · ‖θ‖² to the loss. NOTE: this keeps the equivalence in sgs_fx, unlike
-            the official implementation: S scales the gradient inside the conv's forward graph, and a
-            penalty on the parameter itself never passes through it, so it acts as coupled L2.
+        l2_in_loss: add l2_in_loss/2 · ‖θ‖² to the loss. Outside the conditions: S scales the whole gradient
+            that reaches the weight, penalty included (as the official implementation's ``.grad`` multiply
+            did), while the branches' penalty is on each branch; use the optimizer's ``weight_decay``.
         clip_grad_norm: clip the global gradient norm (breaks the lemma once active).
         tol: the largest |ΔW| accepted (default 1e-9 in float64, 1e-4 otherwise).
     """
@@ -109,7 +109,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
     sgs = transform(strip(branched), filter_fn=filter_fn)  # same folded start as the branched model
     set_scales(sgs, get_scales(branched))
     opt_b, opt_s = optimizer_factory(branched.parameters()), optimizer_factory(sgs.parameters())
-    violations = _violations(opt_s, clip_grad_norm)
+    violations = _violations(opt_s, clip_grad_norm, l2_in_loss)
     for v in violations:
         logger.warning("sgs_fx.verify: outside the equivalence conditions: %s", v)
     loss_fn = loss_fn or _default_loss
@@ -143,7 +143,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
     return report
 
 
-def _violations(opt, clip_grad_norm) -> list[str]:
+def _violations(opt, clip_grad_norm, l2_in_loss) -> list[str]:
     out = []
     if isinstance(opt, ADAPTIVE):
         out.append(f"{type(opt).__name__} normalises each coordinate (SGS is defined for SGD)")
@@ -151,6 +151,8 @@ def _violations(opt, clip_grad_norm) -> list[str]:
         out.append(f"{type(opt).__name__} is not SGD; the lemma covers SGD, momentum, Nesterov and coupled L2")
     if clip_grad_norm is not None:
         out.append("gradient clipping sees different gradient norms in the two models")
+    if l2_in_loss:
+        out.append("an L2 penalty in the loss passes through S (use the optimizer's weight_decay instead)")
     return out
 
 

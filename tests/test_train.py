@@ -95,7 +95,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
 def test_torchrun_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "sgs_fx.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sgs_fx.cli",
            "train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "2",
            "--batch-size", "32", "--every", "1", "--warmup", "0", "--out", str(out), "--no-progress", "--no-plots"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..ops import BranchedConv
+from ..branched import BranchedConv
 from ..scaling.equivalence import branches_from, level_set_branches
-from .instrument import validate_scale
-from .select import replace_submodule
+from .registry import validate_scale
+from .select import replace_everywhere
 
 
 def instrument_branches(model: nn.Module, names: list[str], *, start: int, scales: Mapping[str, Tensor] | None,
@@ -24,6 +24,14 @@ def instrument_branches(model: nn.Module, names: list[str], *, start: int, scale
     unknown = [n for n in (scales or {}) if n not in names]
     if unknown:
         raise ValueError(f"transform(mode='branches'): scales name {unknown[0]!r}, which is not a selected conv")
+    by_weight: dict[int, str] = {}
+    for name in names:
+        other = by_weight.setdefault(id(model.get_submodule(name).weight), name)
+        if other != name:
+            raise ValueError(
+                f"transform(mode='branches'): convs {other!r} and {name!r} share one weight Parameter; separate "
+                "branch blocks would train two independent kernels, which is not your model. Untie the weights "
+                "or leave one conv out with filter_fn")
     for i, name in enumerate(names):
         conv = model.get_submodule(name)
         kernel = tuple(conv.kernel_size)
@@ -38,4 +46,4 @@ def instrument_branches(model: nn.Module, names: list[str], *, start: int, scale
             spec = level_set_branches(s)
         block = BranchedConv(conv, spec)
         block._sgs_order = start + i
-        replace_submodule(model, name, block)
+        replace_everywhere(model, conv, block)

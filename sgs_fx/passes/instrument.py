@@ -8,10 +8,16 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..ops import SCALE_BUFFER, is_sgs_conv, sgs_class_for
-from ..optimizers import register_scaled
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class_for
+from .branches import instrument_branches
+from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, default_filter, is_plain_conv, unwrap
 from .trace import find_conv_call_sites
+
+__all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_scale"]
 
 logger = logging.getLogger("sgs_fx")
 
@@ -56,22 +62,30 @@ def transform(
         )
     if mode == "sgs" and branches is not None:
         raise ValueError("sgs_fx.transform: `branches` only applies to mode='branches'")
+    _refuse_unsupported(model, mode, filter_fn or default_filter)
     if not inplace:
         model = copy.deepcopy(model)
 
     selected = filter_fn or default_filter
     modules = dict(model.named_modules())
-    already = [n for n, m in modules.items() if _is_instrumented(m)]
-    other_mode = [n for n in already if _mode_of(modules[n]) != mode]
+    already = [n for n, m in modules.items() if is_instrumented(m)]
+    other_mode = [n for n in already if mode_of(modules[n]) != mode]
     if other_mode:
         raise ValueError(
             f"sgs_fx.transform(mode={mode!r}): {other_mode[0]!r} is already instrumented in mode "
-            f"{_mode_of(modules[other_mode[0]])!r}; call sgs_fx.strip(model) first"
+            f"{mode_of(modules[other_mode[0]])!r}; call sgs_fx.strip(model) first"
         )
-    candidates = [n for n, m in modules.items() if is_plain_conv(m) and not _is_instrumented(m) and selected(n, m)]
+    candidates = [n for n, m in modules.items() if is_plain_conv(m) and not is_instrumented(m) and selected(n, m)]
     if not candidates and not already:
         n_convs = sum(is_plain_conv(m) for m in modules.values())
-        what = "has no conv layers" if n_convs == 0 else f"has {n_convs} convs but none is selected by the filter"
+        n_transposed = sum(isinstance(m, _ConvNd) and m.transposed for m in modules.values())
+        if n_convs:
+            what = f"has {n_convs} convs but none is selected by the filter"
+        elif n_transposed:
+            what = (f"has only transposed convs ({n_transposed}), which SGS does not instrument: the method pairs "
+                    "each kernel tap with a displacement of the conv's input, and a transposed conv has no such pairing")
+        else:
+            what = "has no conv layers"
         raise ValueError(
             f"sgs_fx.transform: {type(model).__name__} {what}; SGS applies to Conv1d/2d/3d weights "
             "(default: all spatial kernel dims > 1; pass filter_fn to select others)"
@@ -95,11 +109,10 @@ def transform(
     candidates.sort(key=lambda n: rank.get(n, len(rank)))
     start = len(already)
     if mode == "sgs":
+        tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
-            _instrument_sgs(modules[name], order=start + i)
+            _instrument_sgs(modules[name], order=start + i, per_use=name in tied)
     else:
-        from .branches import instrument_branches
-
         instrument_branches(model, candidates, start=start, scales=scales, branches=branches)
 
     not_reached = [n for n in candidates if n not in rank] if sites.order else []
@@ -116,62 +129,58 @@ def transform(
     return model
 
 
-def _is_instrumented(m: nn.Module) -> bool:
-    return is_sgs_conv(m) or getattr(m, "_sgs_leaf", False)
+def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None:
+    """Convs the pass cannot instrument correctly: a clear error before anything is copied or changed."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, m in model.named_modules():
+        if not (is_plain_conv(m) and not is_instrumented(m) and selected(name, m)):
+            continue
+        if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
+            raise ValueError(
+                f"sgs_fx.transform: conv {name!r} uses the deprecated torch.nn.utils.weight_norm, whose weight is "
+                "recomputed by a forward pre-hook and cannot be copied or scaled; use "
+                "torch.nn.utils.parametrizations.weight_norm (SGS then scales the direction v), or leave the conv "
+                "out with filter_fn")
+        if parametrize.is_parametrized(m, "weight"):
+            if mode == "branches":
+                raise ValueError(
+                    f"sgs_fx.transform(mode='branches'): conv {name!r} has a parametrized weight "
+                    f"({type(m.parametrizations.weight[0]).__name__}), which cannot be split into linear branches; "
+                    "remove the parametrization or leave the conv out with filter_fn")
+            if hook_target(m) is None:
+                raise ValueError(
+                    f"sgs_fx.transform: conv {name!r} has a parametrized weight with no original tensor of the "
+                    "kernel's full shape, so there is no trained kernel to scale; leave it out with filter_fn")
 
 
-def _mode_of(m: nn.Module) -> str:
-    return "sgs" if is_sgs_conv(m) else "branches"
+def _tied_weights(modules: dict[str, nn.Module], candidates: list[str]) -> set[str]:
+    """Selected convs whose weight Parameter another selected conv uses too: they scale per use."""
+    by_weight: dict[int, list[str]] = {}
+    for name in candidates:
+        by_weight.setdefault(id(hook_target(modules[name])), []).append(name)
+    tied = {n for names in by_weight.values() if len(names) > 1 for n in names}
+    if tied:
+        logger.warning(
+            "sgs_fx.transform: convs %s share a weight Parameter; each scales its own use (the weight's "
+            "gradient is S1*G1 + S2*G2), at the cost of an autograd function per call", ", ".join(sorted(tied)))
+    return tied
 
 
-def _instrument_sgs(conv: nn.Module, order: int) -> None:
+def _instrument_sgs(conv: nn.Module, order: int, per_use: bool) -> None:
     kernel = tuple(conv.kernel_size)
-    w = conv.weight
-    conv.__class__ = sgs_class_for(type(conv))
-    conv.register_buffer(SCALE_BUFFER, torch.ones(kernel, dtype=w.dtype, device=w.device), persistent=False)
+    w = hook_target(conv)
+    cls = sgs_class_for(type(conv))
+    if isinstance(conv, LazyModuleMixin):
+        # On its first forward a lazy conv turns itself into `cls_to_become`: make that the SGS class.
+        conv.__dict__["cls_to_become"] = sgs_class_for(conv.cls_to_become)
+    conv.__class__ = cls
+    conv.register_buffer(SCALE_BUFFER, torch.ones(kernel, dtype=scale_dtype(w.dtype), device=w.device),
+                         persistent=False)
+    conv.__dict__["_sgs_master"] = torch.ones(kernel, dtype=torch.float64)
     conv._sgs_order = order
-    register_scaled(w)
-
-
-def instrumented(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> instrumented conv (SGS or branched), in forward order."""
-    found = [(n, m) for n, m in unwrap(model).named_modules() if _is_instrumented(m)]
-    found.sort(key=lambda nm: nm[1]._sgs_order)
-    return dict(found)
-
-
-def get_scales(model: nn.Module) -> dict[str, Tensor]:
-    """Qualified name -> S (a copy, mean 1) for every instrumented conv (a branched block's equivalent S)."""
-    return {name: (m.sgs_scale if is_sgs_conv(m) else m.scale).detach().clone()
-            for name, m in instrumented(model).items()}
-
-
-def validate_scale(name: str, value, kernel: tuple[int, ...]) -> Tensor:
-    """S as float64, checked (shape, finite, > 0) and renormalised to mean 1; ValueError names the layer."""
-    s = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64)
-    if tuple(s.shape) != tuple(kernel):
-        raise ValueError(f"scale for {name!r} has shape {tuple(s.shape)}, expected the kernel's spatial shape {tuple(kernel)}")
-    if not torch.isfinite(s).all():
-        raise ValueError(f"scale for {name!r} has non-finite entries: {s.tolist()}")
-    if not (s > 0).all():
-        raise ValueError(f"scale for {name!r} must be strictly positive (got min {s.min().item():g}); S only redistributes the step among taps")
-    return s / s.mean()
-
-
-def set_scales(model: nn.Module, mapping: Mapping[str, Tensor]) -> None:
-    """Write S for the named convs (others keep theirs); each S is validated and renormalised to mean 1."""
-    convs = instrumented(model)
-    unknown = [n for n in mapping if n not in convs]
-    if unknown:
-        known = ", ".join(list(convs)[:6]) + (", ..." if len(convs) > 6 else "")
-        raise ValueError(f"set_scales: no instrumented conv named {unknown[0]!r} (known: {known or 'none'})")
-    branched = [n for n in mapping if not is_sgs_conv(convs[n])]
-    if branched:
-        raise ValueError(
-            f"set_scales: {branched[0]!r} is a branched block, whose S is fixed by its branches; "
-            "rebuild it with transform(..., mode='branches', scales=...)"
-        )
-    checked = {n: validate_scale(n, s, tuple(convs[n].kernel_size)) for n, s in mapping.items()}
-    with torch.no_grad():  # every S is checked before any is written
-        for name, s in checked.items():
-            convs[name].sgs_scale.copy_(s)
+    if per_use:
+        conv.__dict__["_sgs_per_use"] = True
+    if not isinstance(conv, LazyModuleMixin) or not conv.has_uninitialized_params():
+        attach_hook(conv)

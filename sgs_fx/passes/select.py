@@ -42,3 +42,10 @@ def replace_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
         raise ValueError("sgs_fx: cannot replace the root module itself; transform or strip its parent instead")
     parent, _, child = qualname.rpartition(".")
     setattr(root.get_submodule(parent), child, new)
+
+
+def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place ``old`` is registered: a module shared by two parents stays shared."""
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        replace_submodule(root, name, new)

@@ -5,9 +5,8 @@ import copy
 
 from torch import nn
 
-from ..ops import SCALE_BUFFER, is_sgs_conv
-from ..optimizers import unregister_scaled
-from .select import replace_submodule, unwrap
+from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
+from .select import replace_everywhere, unwrap
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -25,14 +24,15 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if is_sgs_conv(m):
             _strip_sgs(m)
         elif getattr(m, "_sgs_leaf", False):
-            replace_submodule(root, name, m.fold())
+            replace_everywhere(root, m, m.fold())
     return model
 
 
 def _strip_sgs(conv: nn.Module) -> None:
-    unregister_scaled(conv.weight)
+    detach_hook(conv)
+    unregister_weight(conv)
     conv.__class__ = conv._sgs_base
-    delattr(conv, SCALE_BUFFER)
-    conv.__dict__.pop("_sgs_order", None)
-    conv.__dict__.pop("_sgs_in_forward", None)
+    del conv._buffers[SCALE_BUFFER]
+    for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_master", "cls_to_become"):
+        conv.__dict__.pop(key, None)
 

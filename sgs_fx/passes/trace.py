@@ -41,6 +41,8 @@ class _ConvLeafTracer(fx.Tracer):
 
 def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) -> CallSites:
     """Trace ``model`` and list its conv call sites; fall back to running ``example_inputs`` if given."""
+    if isinstance(model, _ConvNd):  # the root itself is the conv: its own weight is no functional call
+        return CallSites(traced=True, order=[""])
     try:
         graph = _ConvLeafTracer().trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)

@@ -98,7 +98,7 @@ class MIScheduler:
         convs = instrumented(root)
         inputs = self._draw_inputs(root)
         stats = {n: PairStats(ConvGeometry.of(m), m.in_channels, zero_removal=self.zero_removal,
-                              device=m.weight.device) for n, m in convs.items()}
+                              device=m.sgs_scale.device) for n, m in convs.items()}
         with _eval_no_grad(root):
             self._run(root, convs, inputs, {n: s.observe_range for n, s in stats.items()}, "MI pass 1/2")
             _reduce_ranges(list(stats.values()))

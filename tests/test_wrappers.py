@@ -1,0 +1,218 @@
+"""S survives everything that replaces, copies or re-wraps the weight Parameter (issue 9).
+
+The gradient hook lives on a Parameter object; each case below replaces or bypasses that object and
+checks, exactly in float64, that the weight gradient is still S ⊙ G (and every other gradient G).
+"""
+import copy
+import io
+import logging
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sgs_fx
+from helpers import TiedConvs
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, bias=False),
+                         nn.ReLU(), nn.Conv2d(6, 4, 3)).double()
+
+
+def scaled(model, seed=1):
+    torch.manual_seed(seed)
+    scales = {n: torch.rand(tuple(m.kernel_size), dtype=torch.float64) + 0.25
+              for n, m in sgs_fx.instrumented(model).items()}
+    sgs_fx.set_scales(model, scales)
+    return sgs_fx.get_scales(model)
+
+
+def grads(model, x, call=None, params=None):
+    model.zero_grad(set_to_none=True)
+    (call or model)(x).pow(2).sum().backward()
+    return {n: p.grad.clone() for n, p in (params or dict(model.named_parameters())).items()}
+
+
+def assert_exactly_scaled(got, plain, scales):
+    assert got.keys() == plain.keys()
+    for name, g in plain.items():
+        conv = name.rsplit(".", 1)[0]
+        expected = scales[conv].to(g.dtype) * g if name.endswith("weight") and conv in scales else g
+        assert torch.equal(got[name], expected), name
+
+
+X = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+
+
+def _to_float32(m):
+    return m.to(torch.float32)  # same Parameter objects, new S buffers
+
+
+def _to_swapped(m):
+    # torch's swap_tensors path keeps the Parameter objects but drops their hooks
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        return m.to(torch.float32)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
+def _assign(m):
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    return m
+
+
+def _load_swapped(m):
+    # load_state_dict swaps the tensors in (no attribute assignment) under the same flag
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict(state)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    return m
+
+
+def _set_attribute(m):
+    m[2].weight = nn.Parameter(m[2].weight.detach().clone())
+    return m
+
+
+def _pickle(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("wrap", [_to_float32, _to_swapped, _assign, _load_swapped, _set_attribute, copy.deepcopy, _pickle],
+                         ids=lambda f: getattr(f, "__name__", str(f)).strip("_"))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_replaced_or_copied_weights_keep_S(wrap, compiled):
+    """Eager forwards re-check the hook; a compiled forward cannot, so each wrapper must re-attach it itself."""
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    out, plain = wrap(sgs), wrap(net())
+    torch._dynamo.reset()
+    call = torch.compile(out, fullgraph=True, backend="aot_eager") if compiled else out
+    x = X.to(next(plain.parameters()).dtype)
+    assert_exactly_scaled(grads(out, x, call=call), grads(plain, x), scales)
+    assert_exactly_scaled(grads(out, x, call=call), grads(plain, x), scales)  # no second hook: not S² ⊙ G
+
+
+def test_frozen_at_transform_then_unfrozen_keeps_S():
+    frozen = net().requires_grad_(False)
+    sgs = sgs_fx.transform(frozen, inplace=True)
+    scales = scaled(sgs)
+    sgs.requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(sgs, fullgraph=True, backend="aot_eager")  # no eager forward before the backward
+    assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
+
+
+def test_torch_compile_after_load_state_dict_assign_keeps_S():
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    torch._dynamo.reset()
+    compiled = torch.compile(sgs, fullgraph=True, backend="aot_eager")
+    assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
+    _assign(sgs)  # new Parameter objects; the compiled forward cannot check them
+    assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
+
+
+def test_functional_call_scales_the_tensors_passed_in():
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sgs.named_parameters()}
+    torch.func.functional_call(sgs, params, (X,)).pow(2).sum().backward()
+    assert_exactly_scaled({n: p.grad for n, p in params.items()}, grads(net(), X), scales)
+    # and the module's own weights are scaled again afterwards
+    assert_exactly_scaled(grads(sgs, X), grads(net(), X), scales)
+
+
+def test_strip_inplace_removes_the_hook():
+    sgs = sgs_fx.transform(net())
+    scaled(sgs)
+    sgs(X)
+    plain = sgs_fx.strip(sgs, inplace=True)
+    assert_exactly_scaled(grads(plain, X), grads(net(), X), {})
+
+
+def test_repeated_transform_and_forward_scale_once():
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    for _ in range(3):
+        sgs(X)
+        sgs = sgs_fx.transform(sgs, inplace=True)
+    assert_exactly_scaled(grads(sgs, X), grads(net(), X), scales)
+
+
+def test_tied_weight_is_scaled_per_use(caplog):
+    torch.manual_seed(0)
+    model = TiedConvs().double()
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs = sgs_fx.transform(model)
+    assert "a, b share a weight Parameter" in caplog.text
+    sa, sb = torch.rand(3, 3, dtype=torch.float64) + 0.5, torch.rand(3, 3, dtype=torch.float64) + 0.5
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs_fx.set_scales(sgs, {"a": sa, "b": sb})
+    assert "a, b share one weight but have different S" in caplog.text
+    sa, sb = sgs_fx.get_scales(sgs)["a"], sgs_fx.get_scales(sgs)["b"]
+    # S_a ⊙ G_a + S_b ⊙ G_b: the per-use gradients, taken from the plain model with a hook on each use
+    uses = {}
+    torch.manual_seed(0)
+    plain = TiedConvs().double()
+    w = plain.a.weight
+
+    def conv(x, name):
+        wi = w.view_as(w)
+        wi.register_hook(lambda g: uses.__setitem__(name, g))
+        return nn.functional.conv2d(x, wi, plain.__getattr__(name).bias, padding=1)
+
+    conv(torch.relu(conv(X, "a")), "b").pow(2).sum().backward()
+    got = grads(sgs, X)["a.weight"]
+    assert (got - (sa * uses["a"] + sb * uses["b"])).abs().max().item() <= 1e-12
+    assert (got - w.grad).abs().max().item() > 1e-3  # and the scaling is real
+
+
+def _fsdp2_worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    from torch.distributed.fsdp import fully_shard
+
+    model = sgs_fx.transform(net())
+    scaled(model)
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            fully_shard(m)
+    fully_shard(model)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # gradient accumulation across two backward passes
+        model(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
+    full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "grads.pt")
+        mp.spawn(_fsdp2_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        got = torch.load(out)
+    scales = scaled(sgs_fx.transform(net()))
+    plain = net()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):
+        (plain(x).pow(2).sum() / 2).backward()  # FSDP2 averages over the 2 ranks
+    for name, p in plain.named_parameters():
+        conv = name.rsplit(".", 1)[0]
+        expected = scales[conv] * p.grad if name.endswith("weight") else p.grad
+        assert (got[name] - expected).abs().max().item() <= 1e-12, name
+        if name.endswith("weight"):
+            assert (got[name] - p.grad).abs().max().item() > 1e-3, name  # S really applied
