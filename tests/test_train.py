@@ -33,8 +33,11 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("scales,mode", [("mi", "sgs"), ("acb", "branches")])
 def test_resume_continues_exactly(tmp_path, monkeypatch, scales, mode):
+    # The default every=5: S is computed at epoch 1 only, so the run resumed at epoch 2 must restore it
+    # from the checkpoint (recomputing would not be due, and ones would be wrong).
+    small = {**SMALL, "every": 5}
     straight = tmp_path / "straight"
-    train(TrainConfig(out=str(straight), scales=scales, mode=mode, export=False, plots=False, **SMALL))
+    train(TrainConfig(out=str(straight), scales=scales, mode=mode, export=False, plots=False, **small))
 
     real = train_mod._train_epoch
 
@@ -44,7 +47,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, scales, mode):
         return real(model, opt, batches, epoch, cfg, d)
 
     resumed = tmp_path / "resumed"
-    cfg = TrainConfig(out=str(resumed), scales=scales, mode=mode, export=False, plots=False, **SMALL)
+    cfg = TrainConfig(out=str(resumed), scales=scales, mode=mode, export=False, plots=False, **small)
     monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
@@ -56,8 +59,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, scales, mode):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["history"]["metrics"][-1]["test_acc"] == b["history"]["metrics"][-1]["test_acc"]
     if scales == "mi":
+        assert a["mi"]["last_recompute"] == b["mi"]["last_recompute"] == 1
         assert a["mi"]["scales"].keys() == b["mi"]["scales"].keys()
         assert all(torch.equal(a["mi"]["scales"][k], b["mi"]["scales"][k]) for k in a["mi"]["scales"])
+        assert not all(torch.equal(s, torch.ones_like(s)) for s in b["mi"]["scales"].values())
 
 
 def test_bad_input(tmp_path, capsys):

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ..ops import is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
@@ -21,6 +22,30 @@ from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, _check_hyper
 
 logger = logging.getLogger("sgs_fx")
+
+
+def _to_model(inputs, model: nn.Module):
+    """Every tensor in ``inputs`` (any nesting of lists, tuples, dicts) on the model's device; floating
+    tensors in the model's floating dtype (a bf16 model gets bf16 inputs; integer ids stay integers)."""
+    params = [p for p in model.parameters() if p.is_floating_point()] or list(model.buffers())
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and params[0].is_floating_point() else None
+
+    def move(t):
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    return tree_map(move, inputs)
+
+
+def _call(model: nn.Module, inputs):
+    """A tuple is the positional arguments, a dict the keyword arguments, anything else the one argument."""
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
 
 
 def _default_input(batch):
@@ -46,7 +71,10 @@ class MIScheduler:
         batches: number of loader batches observed per recompute (default 2).
         zero_removal: drop pairs holding an exact zero (default False).
         floor: lower bound of S before the final renormalisation (default 1e-3).
-        input_fn: batch -> model input (default: the batch itself, or its first element).
+        input_fn: batch -> model input (default: the batch itself, or its first element). A tuple is
+            passed as positional arguments, a dict as keyword arguments, anything else (a tensor, a list
+            of images) as the one argument; every tensor inside is moved to the model's device and
+            floating tensors to its dtype.
         progress: show a tqdm bar on rank 0 while calibrating.
 
     Call ``step(epoch)`` at the start of every epoch (epochs count from 0), before training on it.
@@ -124,11 +152,10 @@ class MIScheduler:
             logger.info("sgs_fx.MIScheduler: %s S=%s", name, _compact(s))
         return new
 
-    def _draw_inputs(self, root: nn.Module) -> list[Tensor]:
-        device = next(root.parameters()).device
+    def _draw_inputs(self, root: nn.Module) -> list:
         inputs = []
         for batch in self.loader:
-            inputs.append(self.input_fn(batch).to(device))
+            inputs.append(_to_model(self.input_fn(batch), root))
             if len(inputs) == self.batches:
                 break
         if not inputs:
@@ -143,7 +170,7 @@ class MIScheduler:
 
             show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
             for x in tqdm(inputs, desc=desc, disable=not show, leave=False):
-                root(x)
+                _call(root, x)
         finally:
             for h in handles:
                 h.remove()
