@@ -88,6 +88,8 @@ class PairStats:
         self.lo = torch.full((2, channels, n_disp), math.inf, **kw)
         self.hi = torch.full((2, channels, n_disp), -math.inf, **kw)
         self.count = torch.zeros(channels, n_disp, dtype=torch.int64, device=device)
+        self.full_lo = torch.full((channels,), math.inf, **kw)  # over the whole padded map, per channel
+        self.full_hi = torch.full((channels,), -math.inf, **kw)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.calls = torch.zeros((), dtype=torch.int64, device=device)
         self.hist: Tensor | None = None
@@ -104,11 +106,11 @@ class PairStats:
             x = F.pad(x, list(self.geometry.pad), mode=self.geometry.pad_mode)
         return x
 
-    def _chunks(self, xp: Tensor):
+    def _chunks(self, xp: Tensor, float64: bool = True):
         per_channel = max(1, xp[:, :1].numel())
         step = max(1, _CHUNK_ELEMENTS // per_channel)
         for c0 in range(0, self.channels, step):
-            yield c0, xp[:, c0:c0 + step].to(torch.float64)
+            yield c0, (xp[:, c0:c0 + step].to(torch.float64) if float64 else xp[:, c0:c0 + step])
 
     def _pairs(self, xc: Tensor):
         """(j, X, Y, keep) per displacement: strided views (N, c, ...) — no copy — and the zero-removal mask."""
@@ -121,11 +123,39 @@ class PairStats:
             yield j, X, Y, keep
 
     # -- pass 1 ----------------------------------------------------------------------------------------
-    def observe_range(self, x: Tensor) -> None:
-        """Pass 1: per (channel, displacement) min / max of X and Y and the pair count."""
+    def observe_range(self, x: Tensor, keep: bool = False) -> Tensor | None:
+        """Pass 1: per (channel, displacement) min / max of X and Y and the pair count.
+
+        With ``keep``, returns the padded input (a copy, safe from later in-place ops on ``x``) for
+        ``observe_hist(..., padded=True)``: one forward instead of two, at the cost of keeping the map.
+        """
         xp = self._padded(x)
         self.calls += 1
         self.nonfinite += (~torch.isfinite(x)).sum()
+        if self.zero_removal:  # the kept pairs depend on both sides: reduce per displacement
+            self._observe_range_pairs(xp)
+        else:
+            self._observe_range_views(xp)
+        if keep:
+            return xp.clone() if xp.data_ptr() == x.data_ptr() else xp
+        return None
+
+    def _observe_range_views(self, xp: Tensor) -> None:
+        # Without zero removal X and Y are plain views of the map: min over a view = min over the view of the
+        # batch-wise min. One pass over the data, then D' reductions of (C, L...) maps.
+        spatial = tuple(range(1, xp.dim() - 1))
+        for c0, xc in self._chunks(xp, float64=False):
+            c1 = c0 + xc.shape[1]
+            lo_map, hi_map = torch.aminmax(xc, dim=0)
+            self.full_lo[c0:c1] = torch.minimum(self.full_lo[c0:c1], lo_map.amin(spatial).double())
+            self.full_hi[c0:c1] = torch.maximum(self.full_hi[c0:c1], hi_map.amax(spatial).double())
+            for j, sx, sy in self._view_slices(xp.shape[2:]):
+                for side, sl in enumerate((sx, sy)):
+                    self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_map[(slice(None), *sl)].amin(spatial).double())
+                    self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_map[(slice(None), *sl)].amax(spatial).double())
+                self.count[c0:c1, j] += xp.shape[0] * math.prod(s_.stop - s_.start for s_ in sx)
+
+    def _observe_range_pairs(self, xp: Tensor) -> None:
         dims = (0, *range(2, xp.dim()))  # every dim but the channel
         for c0, xc in self._chunks(xp):
             c1 = c0 + xc.shape[1]
@@ -136,6 +166,14 @@ class PairStats:
                     self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_v.amin(dims))
                     self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_v.amax(dims))
                 self.count[c0:c1, j] += X[:, 0].numel() if keep is None else keep.sum(dims)
+
+    def _view_slices(self, lengths):
+        """(j, X slices, Y slices) over the spatial dims, for every displacement with a non-empty overlap."""
+        for j, d in enumerate(self.geometry.displacements):
+            if any(length - abs(da) <= 0 for length, da in zip(lengths, d)):
+                continue
+            yield (j, tuple(slice(max(0, -da), length - max(0, da)) for length, da in zip(lengths, d)),
+                   tuple(slice(max(0, da), length - max(0, -da)) for length, da in zip(lengths, d)))
 
     def start_histograms(self) -> None:
         """Fix every (channel, displacement)'s bins from the (reduced) pass-1 values (steps 4-5)."""
@@ -149,28 +187,71 @@ class PairStats:
         self.width = torch.where(width > 0, width, math.inf)
         self.hist = torch.zeros(self.channels, len(self.geometry.displacements), self.b_max * self.b_max,
                                 dtype=torch.int64, device=self.count.device)
+        # (c, d) whose X and Y ranges are the whole map's: their bin of a pixel does not depend on d, so each
+        # pixel is binned once (per distinct B) and the displacements only pair up bin indices. The others
+        # (an extreme value only in a border row that d's view leaves out; zero removal) bin per displacement.
+        lo, hi = self.full_lo[None, :, None], self.full_hi[None, :, None]
+        self.shared = ((self.lo == lo) & (self.hi == hi)).all(0) & (not self.zero_removal)
+        full_width = self.full_hi + _RANGE_EPS - self.full_lo
+        self.full_width = torch.where(full_width > 0, full_width, math.inf)
 
     # -- pass 2 ----------------------------------------------------------------------------------------
-    def observe_hist(self, x: Tensor) -> None:
-        """Pass 2: accumulate the joint histograms (steps 6-7)."""
+    def observe_hist(self, x: Tensor, padded: bool = False) -> None:
+        """Pass 2: accumulate the joint histograms (steps 6-7); ``padded``: ``x`` came from ``observe_range``."""
         if self.hist is None:
             raise RuntimeError("PairStats.observe_hist before start_histograms")
-        xp = self._padded(x)
-        b_max = self.b_max
+        xp = x if padded else self._padded(x)
         for c0, xc in self._chunks(xp):
             c1 = c0 + xc.shape[1]
-            shape = (1, c1 - c0) + (1,) * (xc.dim() - 2)  # per-channel values broadcast over (N, c, ...)
-            channel = torch.arange(c1 - c0, device=xc.device, dtype=torch.float64).view(shape) * (b_max * b_max)
-            buffers: dict = {}  # reused across displacements: large fresh allocations cost page faults on CPU
-            for j, X, Y, keep in self._pairs(xc):
-                bins = self.bins[c0:c1, j].view(shape).to(torch.float64)
-                ix = self._bin(X, 0, c0, c1, j, bins, shape, buffers, "x")
-                iy = self._bin(Y, 1, c0, c1, j, bins, shape, buffers, "y")
-                # (c, i_X, i_Y) -> one flat index, in float64 (exact: far below 2**53), then one integer cast
-                flat = ix.mul_(b_max).add_(iy).add_(channel)
-                flat = (flat[keep] if keep is not None else flat.flatten()).long()
-                counts = torch.bincount(flat, minlength=(c1 - c0) * b_max * b_max)
-                self.hist[c0:c1, j] += counts.view(c1 - c0, b_max * b_max)
+            shared = self.shared[c0:c1]
+            if shared.any():
+                self._hist_shared(xc, c0, c1, shared)
+            if not shared.all():
+                self._hist_per_displacement(xc, c0, c1, ~shared)
+
+    def _hist_shared(self, xc: Tensor, c0: int, c1: int, shared: Tensor) -> None:
+        """Bin every pixel once per distinct B; each displacement then pairs two views of the bin map."""
+        b_max, n = self.b_max, c1 - c0
+        shape = (1, n) + (1,) * (xc.dim() - 2)
+        lo = self.full_lo[c0:c1].view(shape)
+        width = self.full_width[c0:c1].view(shape)
+        # int32 index arithmetic (n * b_max² is far below 2**31): half the memory traffic of int64
+        channel = (torch.arange(n, device=xc.device, dtype=torch.int32) * (b_max * b_max)).view(shape)
+        bins = self.bins[c0:c1]
+        buf = torch.empty_like(xc)
+        for b in torch.unique(bins[shared]).tolist():
+            # Spec §3.3 step 6, in this order: floor((v - lo) * B / (hi - lo)), clipped to [0, B - 1].
+            torch.sub(xc, lo, out=buf)
+            index = buf.mul_(b).div_(width).floor_().clamp_(0, b - 1).to(torch.int32)
+            row = index.mul(b_max).add_(channel)  # (c, i_X) part of the flat key (c, i_X, i_Y)
+            for j, sx, sy in self._view_slices(xc.shape[2:]):
+                use = shared[:, j] & (bins[:, j] == b)
+                if not use.any():
+                    continue
+                flat = row[(slice(None), slice(None), *sx)] + index[(slice(None), slice(None), *sy)]
+                counts = torch.bincount(flat.flatten(), minlength=n * b_max * b_max).view(n, b_max * b_max)
+                if use.all():
+                    self.hist[c0:c1, j] += counts
+                else:
+                    self.hist[c0:c1, j][use] += counts[use]
+
+    def _hist_per_displacement(self, xc: Tensor, c0: int, c1: int, rows: Tensor) -> None:
+        """The general path: every (c, d) with its own bins, for the rows (c, d) marked in ``rows``."""
+        b_max = self.b_max
+        shape = (1, c1 - c0) + (1,) * (xc.dim() - 2)  # per-channel values broadcast over (N, c, ...)
+        channel = torch.arange(c1 - c0, device=xc.device, dtype=torch.float64).view(shape) * (b_max * b_max)
+        buffers: dict = {}  # reused across displacements: large fresh allocations cost page faults on CPU
+        for j, X, Y, keep in self._pairs(xc):
+            if not rows[:, j].any():
+                continue
+            bins = self.bins[c0:c1, j].view(shape).to(torch.float64)
+            ix = self._bin(X, 0, c0, c1, j, bins, shape, buffers, "x")
+            iy = self._bin(Y, 1, c0, c1, j, bins, shape, buffers, "y")
+            # (c, i_X, i_Y) -> one flat index, in float64 (exact: far below 2**53), then one integer cast
+            flat = ix.mul_(b_max).add_(iy).add_(channel)
+            flat = (flat[keep] if keep is not None else flat.flatten()).long()
+            counts = torch.bincount(flat, minlength=(c1 - c0) * b_max * b_max).view(c1 - c0, b_max * b_max)
+            self.hist[c0:c1, j][rows[:, j]] += counts[rows[:, j]]
 
     def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor, shape, buffers: dict,
              key: str) -> Tensor:

@@ -76,13 +76,16 @@ class MIScheduler:
             of images) as the one argument; every tensor inside is moved to the model's device and
             floating tensors to its dtype.
         progress: show a tqdm bar on rank 0 while calibrating.
+        keep_bytes: keep the observed batches' conv inputs (padded) in memory up to this many bytes, so that
+            a calibration runs one forward per batch instead of two; beyond it (or 0) the inputs are
+            streamed through two forwards and memory stays O(C·D'·B²) beyond one batch. Same S either way.
 
     Call ``step(epoch)`` at the start of every epoch (epochs count from 0), before training on it.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, *, k: float = 5, every: int = 5, warmup: int = 1,
                  batches: int = 2, zero_removal: bool = False, floor: float = 1e-3,
-                 input_fn: Callable | None = None, progress: bool = False):
+                 input_fn: Callable | None = None, progress: bool = False, keep_bytes: int = 512 * 2**20):
         _check_hyper(k, floor)
         if int(every) < 1 or int(warmup) < 0 or int(batches) < 1:
             raise ValueError(f"MIScheduler needs every >= 1, warmup >= 0, batches >= 1 (got {every}, {warmup}, {batches})")
@@ -98,6 +101,7 @@ class MIScheduler:
         self.zero_removal, self.floor = zero_removal, floor
         self.input_fn = input_fn or _default_input
         self.progress = progress
+        self.keep_bytes = int(keep_bytes)
         self.last_epoch: int | None = None
         self.last_recompute: int | None = None
         self._warned: set[str] = set()
@@ -128,13 +132,19 @@ class MIScheduler:
         stats = {n: PairStats(ConvGeometry.of(m), m.in_channels, zero_removal=self.zero_removal,
                               device=m.sgs_scale.device) for n, m in convs.items()}
         with _eval_no_grad(root):
-            self._run(root, convs, inputs, {n: s.observe_range for n, s in stats.items()}, "MI pass 1/2")
+            kept = self._pass1(root, convs, inputs, stats)
             _reduce_ranges(list(stats.values()))
             live = {n: s for n, s in stats.items() if s.failure() is None}
             for s in live.values():
                 s.start_histograms()
-            self._run(root, {n: convs[n] for n in live}, inputs, {n: s.observe_hist for n, s in live.items()},
-                      "MI pass 2/2")
+            if kept is not None:  # the inputs of every conv were kept: no second forward
+                for name in list(kept):
+                    for xp in kept.pop(name):
+                        if name in live:
+                            live[name].observe_hist(xp, padded=True)
+            else:
+                self._run(root, {n: convs[n] for n in live}, inputs,
+                          {n: s.observe_hist for n, s in live.items()}, "MI pass 2/2")
             _reduce_histograms(list(live.values()))
         new = {}
         for name, s in stats.items():
@@ -162,15 +172,39 @@ class MIScheduler:
             raise ValueError("MIScheduler: the loader yielded no batch; it needs at least one to estimate S")
         return inputs
 
-    def _run(self, root, convs, inputs, observers, desc):
+    def _pass1(self, root, convs, inputs, stats) -> dict | None:
+        """Pass 1, keeping every conv's padded input while they fit in ``keep_bytes`` (then pass 2 needs no
+        forward); returns the kept inputs, or None once they would not fit (pass 2 then runs the model again)."""
+        kept: dict | None = {n: [] for n in convs} if self.keep_bytes > 0 else None
+        size = 0
+
+        def observe(name, x):
+            nonlocal kept, size
+            xp = stats[name].observe_range(x, keep=kept is not None)
+            if kept is not None:
+                kept[name].append(xp)
+                size += xp.numel() * xp.element_size()
+
+        def after_batch(i):
+            nonlocal kept
+            if kept is not None and size * len(inputs) / (i + 1) > self.keep_bytes:
+                kept = None  # would not fit: stream instead (memory O(C·D'·B²) beyond one batch)
+
+        self._run(root, convs, inputs, {n: (lambda x, n=n: observe(n, x)) for n in convs}, "MI pass 1/2",
+                  after_batch=after_batch)
+        return kept
+
+    def _run(self, root, convs, inputs, observers, desc, after_batch=None):
         handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[0]))
                    for n, m in convs.items()]
         try:
             from tqdm.auto import tqdm
 
             show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
-            for x in tqdm(inputs, desc=desc, disable=not show, leave=False):
+            for i, x in enumerate(tqdm(inputs, desc=desc, disable=not show, leave=False)):
                 _call(root, x)
+                if after_batch is not None:
+                    after_batch(i)
         finally:
             for h in handles:
                 h.remove()
