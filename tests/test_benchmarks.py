@@ -26,3 +26,10 @@ def test_accuracy_study_smoke(tmp_path):
                "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "acc.json"))
     table = json.loads((tmp_path / "acc.json").read_text())["results"]["table"]
     assert set(table) == {"baseline", "sgs_mi", "branches_acb", "fixed_acb_scales"} and "mean ± std" in out
+
+
+def test_overhead_dispatch_bound_smoke(tmp_path):
+    _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
+         "--warmup", "1", "--json", str(tmp_path / "o.json"))
+    res = json.loads((tmp_path / "o.json").read_text())["results"]["vgg11_bn"]
+    assert {"plain", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
