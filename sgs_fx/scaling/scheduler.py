@@ -134,6 +134,8 @@ class MIScheduler:
         with _eval_no_grad(root):
             kept = self._pass1(root, convs, inputs, stats)
             _reduce_ranges(list(stats.values()))
+            if not _all_ranks_agree(kept is not None, device=next(iter(stats.values())).lo.device):
+                kept = None  # a forward under FSDP2 is collective: every rank must run pass 2 the same way
             live = {n: s for n, s in stats.items() if s.failure() is None}
             for s in live.values():
                 s.start_histograms()
@@ -261,6 +263,15 @@ def _reduce_ranges(stats: list[PairStats]) -> None:
         s.nonfinite.copy_(counts[j + m])
         s.calls.copy_(counts[j + m + 1])
         j += m + 2
+
+
+def _all_ranks_agree(flag: bool, device) -> bool:
+    """True when ``flag`` holds on every rank (always ``flag`` itself in a single process)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def _reduce_histograms(stats: list[PairStats]) -> None:
