@@ -213,6 +213,10 @@ class SGSConvMixin:
         return self._sgs_weight_slow(w)
 
     def _sgs_weight_slow(self, w: Tensor | None) -> Tensor:
+        if w is not None and not isinstance(w, nn.Parameter):
+            # torch.func.functional_call & co. put a plain tensor in for one call: scale that use, and leave
+            # the Parameter's hook where it is (a compiled forward after the call still relies on it).
+            return scale_grad(w, self._buffers[SCALE_BUFFER])
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing():  # a traced forward cannot register hooks; they were attached eagerly
             state = self.__dict__.get("_sgs_hook")
@@ -289,7 +293,8 @@ class _SGSOwnForwardMixin(SGSConvMixin):
 
     def forward(self, *args, **kwargs):
         self._sgs_weight()
-        if not self._sgs_per_use:
+        per_call = self._sgs_per_use or not isinstance(self._parameters.get("weight"), nn.Parameter)
+        if not per_call:
             return self._sgs_base.forward(self, *args, **kwargs)
         self.__dict__["_sgs_in_forward"] = True
         try:

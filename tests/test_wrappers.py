@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import TiedConvs
+from helpers import Conv2dSame, TiedConvs
 
 
 def net():
@@ -126,14 +126,23 @@ def test_torch_compile_after_load_state_dict_assign_keeps_S():
     assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
 
 
-def test_functional_call_scales_the_tensors_passed_in():
-    sgs = sgs_fx.transform(net())
+def same_net():
+    torch.manual_seed(0)
+    return nn.Sequential(Conv2dSame(3, 4, 3, stride=2)).double()
+
+
+@pytest.mark.parametrize("make", [net, same_net],
+                         ids=["torch_forward", "own_forward"])
+def test_functional_call_scales_the_tensors_passed_in(make):
+    sgs = sgs_fx.transform(make())
     scales = scaled(sgs)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in sgs.named_parameters()}
     torch.func.functional_call(sgs, params, (X,)).pow(2).sum().backward()
-    assert_exactly_scaled({n: p.grad for n, p in params.items()}, grads(net(), X), scales)
-    # and the module's own weights are scaled again afterwards
-    assert_exactly_scaled(grads(sgs, X), grads(net(), X), scales)
+    assert_exactly_scaled({n: p.grad for n, p in params.items()}, grads(make(), X), scales)
+    # and the module's own weights keep their hook, also for a compiled forward that cannot re-check it
+    torch._dynamo.reset()
+    compiled = torch.compile(sgs, fullgraph=True, backend="aot_eager")
+    assert_exactly_scaled(grads(sgs, X, call=compiled), grads(make(), X), scales)
 
 
 def test_strip_inplace_removes_the_hook():
