@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 
 from .optimizers import register_scaled, unregister_scaled
 
-__all__ = ["scale_grad", "SGSConvMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
+__all__ = ["scale_grad", "SGSConvMixin", "SGSGraphWeight", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
            "attach_hook", "detach_hook", "scale_dtype"]
 
 logger = logging.getLogger("sgs_fx")
@@ -121,23 +121,30 @@ def hook_target(conv: nn.Module) -> Tensor | None:
     return next((p for p in originals if tuple(p.shape) == full), None)
 
 
+def _target_of(m: nn.Module) -> Tensor | None:
+    return m.__dict__.get("_sgs_param") if isinstance(m, SGSGraphWeight) else hook_target(m)
+
+
 def attach_hook(conv: nn.Module) -> None:
     """(Re)attach ``conv``'s gradient hook to its current weight Parameter and S buffer."""
+    _attach_to(conv, hook_target(conv))
+
+
+def _attach_to(conv: nn.Module, w: Tensor | None) -> None:
     detach_hook(conv)
-    w = hook_target(conv)
     s = conv._buffers.get(SCALE_BUFFER)
     if w is None or s is None:
         return
     if not conv.__dict__.get("_sgs_per_use", False):
         other = _OWNERS.get(id(w))
         other = other() if other is not None else None
-        if other is not None and other is not conv and is_sgs_conv(other) and hook_target(other) is w:
+        if other is not None and other is not conv and is_sgs_conv(other) and _target_of(other) is w:
             logger.warning(
                 "sgs_fx: the SGS convs %s and %s share one weight Parameter; each now scales its own use "
                 "(the weight's gradient is S1*G1 + S2*G2), at the cost of an autograd function per call",
                 type(other).__name__, type(conv).__name__)
             other.__dict__["_sgs_per_use"] = True
-            attach_hook(other)
+            _attach_to(other, _target_of(other))
             conv.__dict__["_sgs_per_use"] = True
     handle = None
     if not conv.__dict__.get("_sgs_per_use", False):
@@ -357,7 +364,98 @@ def _rebuild_sgs_conv(base: type) -> nn.Module:
 
 
 def is_sgs_conv(module: nn.Module) -> bool:
-    return isinstance(module, SGSConvMixin)
+    """An SGS-instrumented conv: a conv module, or the SGS node on a conv node's weight edge in a graph."""
+    return isinstance(module, (SGSConvMixin, SGSGraphWeight))
+
+
+def _reversed_padding(padding, kernel, dilation) -> list[int]:
+    """``F.pad`` order (last axis first), as nn.Conv computes ``_reversed_padding_repeated_twice``."""
+    if padding == "valid":
+        return [0, 0] * len(kernel)
+    out = []
+    for i in reversed(range(len(kernel))):
+        if padding == "same":
+            total = dilation[i] * (kernel[i] - 1)
+            out += [total // 2, total - total // 2]
+        else:
+            out += [padding[i]] * 2
+    return out
+
+
+class SGSGraphWeight(nn.Module):
+    """The SGS node on the weight edge of a conv node in an fx graph: ``(weight, input) -> weight``.
+
+    Holds S (non-persistent buffer) and the conv's geometry, so that ``get_scales`` / ``set_scales`` and the
+    MI scheduler treat it like an SGS conv; the scheduler observes its second argument, the conv's input.
+    A Parameter arriving on the edge is hooked (as SGS convs do); a computed one (through a fake-quant)
+    is scaled per use.
+    """
+
+    mi_input = 1  # which forward argument is the conv's input
+
+    def __init__(self, param: Tensor, *, stride, padding, dilation, groups):
+        super().__init__()
+        n = param.dim() - 2
+        tup = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n  # noqa: E731
+        self.kernel_size = tuple(param.shape[2:])
+        self.stride, self.dilation, self.groups = tup(stride), tup(dilation), int(groups)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self.padding_mode = "zeros"
+        self.in_channels, self.out_channels = param.shape[1] * self.groups, param.shape[0]
+        self._reversed_padding_repeated_twice = _reversed_padding(self.padding, self.kernel_size, self.dilation)
+        self.register_buffer(SCALE_BUFFER, torch.ones(self.kernel_size, dtype=scale_dtype(param.dtype),
+                                                      device=param.device), persistent=False)
+        self.__dict__["_sgs_master"] = torch.ones(self.kernel_size, dtype=torch.float64)
+
+    def attach(self, param: Tensor) -> None:
+        self.__dict__["_sgs_param"] = param
+        _attach_to(self, param)
+
+    def detach(self) -> None:
+        detach_hook(self)
+        self.__dict__.pop("_sgs_param", None)
+
+    def forward(self, weight: Tensor, input: Tensor) -> Tensor:
+        state = self.__dict__.get("_sgs_hook")
+        if state is not None and state.hooked and state.param is weight and state.scale is self._buffers[SCALE_BUFFER]:
+            return weight
+        if isinstance(weight, nn.Parameter) and not _tracing():
+            self.attach(weight)
+        if isinstance(weight, nn.Parameter) and not self.__dict__.get("_sgs_per_use", False):
+            return weight
+        return scale_grad(weight, self._buffers[SCALE_BUFFER])
+
+    def _apply(self, fn, recurse=True):
+        old = self._buffers.get(SCALE_BUFFER)
+        out = super()._apply(fn, recurse)
+        param = self.__dict__.get("_sgs_param")
+        new = self._buffers[SCALE_BUFFER]
+        if param is not None and not new.is_meta:
+            source = self.__dict__["_sgs_master"] if old is not None and old.is_meta else old
+            self._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(param.dtype))
+            self.attach(param)
+        return out
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_sgs_hook", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_sgs_param") is not None:
+            self.attach(self._sgs_param)
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        if new.__dict__.get("_sgs_param") is not None:
+            new.attach(new._sgs_param)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, sgs=True"
 
 
 def unregister_weight(conv: nn.Module) -> None:

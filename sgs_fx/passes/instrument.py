@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -15,7 +15,8 @@ from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, default_filter, is_plain_conv, unwrap
-from .trace import find_conv_call_sites
+from .graph import graph_conv_count, instrument_graph
+from .trace import CallSites, find_conv_call_sites
 
 __all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_scale"]
 
@@ -76,7 +77,12 @@ def transform(
             f"{mode_of(modules[other_mode[0]])!r}; call sgs_fx.strip(model) first"
         )
     candidates = [n for n, m in modules.items() if is_plain_conv(m) and not is_instrumented(m) and selected(n, m)]
-    if not candidates and not already:
+    conv_nodes = graph_conv_count(model) if isinstance(model, fx.GraphModule) else 0
+    if conv_nodes and mode == "branches":
+        raise ValueError(
+            f"sgs_fx.transform(mode='branches'): this GraphModule calls {conv_nodes} conv(s) as graph nodes; branch "
+            "blocks replace conv modules only. Use mode='sgs' (the default) on graphs")
+    if not candidates and not already and not conv_nodes:
         n_convs = sum(is_plain_conv(m) for m in modules.values())
         n_transposed = sum(isinstance(m, _ConvNd) and m.transposed for m in modules.values())
         if n_convs:
@@ -91,7 +97,7 @@ def transform(
             "(default: all spatial kernel dims > 1; pass filter_fn to select others)"
         )
 
-    sites = find_conv_call_sites(model, example_inputs)
+    sites = _graph_sites(model) if isinstance(model, fx.GraphModule) else find_conv_call_sites(model, example_inputs)
     if not sites.traced:
         logger.warning(
             "sgs_fx.transform: torch.fx could not trace %s (%s); instrumenting conv modules found by "
@@ -112,6 +118,13 @@ def transform(
         tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
             _instrument_sgs(modules[name], order=start + i, per_use=name in tied)
+        if conv_nodes:
+            nodes = instrument_graph(model, selected, start=start + len(candidates))
+            if not candidates and not nodes and not already:
+                raise ValueError(f"sgs_fx.transform: the GraphModule has {conv_nodes} conv node(s) but none with a "
+                                 "parameter weight is selected by the filter (see the warning above)")
+            _order_by_graph(model)
+            candidates += nodes
     else:
         instrument_branches(model, candidates, start=start, scales=scales, branches=branches)
 
@@ -127,6 +140,21 @@ def transform(
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
     return model
+
+
+def _graph_sites(gm: fx.GraphModule) -> CallSites:
+    """A GraphModule is its own trace: conv modules in the order of their call_module nodes."""
+    modules = dict(gm.named_modules())
+    order = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), _ConvNd)]
+    return CallSites(traced=True, order=list(dict.fromkeys(order)))
+
+
+def _order_by_graph(gm: fx.GraphModule) -> None:
+    """Number every instrumented module (conv or SGS node) by its first call in the graph: forward order."""
+    modules = dict(gm.named_modules())
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and is_instrumented(modules.get(n.target))]
+    for i, name in enumerate(dict.fromkeys(calls)):
+        modules[name]._sgs_order = i
 
 
 def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None:

@@ -13,8 +13,8 @@ from .select import unwrap
 logger = logging.getLogger("sgs_fx")
 
 
-def is_instrumented(m: nn.Module) -> bool:
-    return is_sgs_conv(m) or getattr(m, "_sgs_leaf", False)
+def is_instrumented(m: nn.Module | None) -> bool:
+    return m is not None and (is_sgs_conv(m) or getattr(m, "_sgs_leaf", False))
 
 
 def mode_of(m: nn.Module) -> str:

@@ -6,6 +6,8 @@ from typing import Callable
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..ops import SGSGraphWeight
+
 FilterFn = Callable[[str, nn.Module], bool]
 
 
@@ -15,12 +17,12 @@ def is_plain_conv(m: nn.Module) -> bool:
 
 
 def default_filter(name: str, m: nn.Module) -> bool:
-    """The paper's selection: every conv all of whose spatial kernel dims are > 1.
+    """The paper's selection: every conv (module, or conv node of a graph) all of whose spatial kernel dims are > 1.
 
     1xK / Kx1 convs are left alone (a user ``filter_fn`` may select them: S then has shape (1, K));
     1x1 convs would get S = [[1]], a no-op; even kernels (2x2, 4x4 patch stems) are selected.
     """
-    return is_plain_conv(m) and all(k > 1 for k in m.kernel_size)
+    return (is_plain_conv(m) or isinstance(m, SGSGraphWeight)) and all(k > 1 for k in m.kernel_size)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import copy
 
-from torch import nn
+from torch import fx, nn
 
 from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
+from .graph import strip_graph
 from .select import replace_everywhere, unwrap
 
 
@@ -20,6 +21,8 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     root = unwrap(model)
+    if isinstance(root, fx.GraphModule):
+        strip_graph(root)
     for name, m in list(root.named_modules()):
         if is_sgs_conv(m):
             _strip_sgs(m)

@@ -197,7 +197,9 @@ class MIScheduler:
         return kept
 
     def _run(self, root, convs, inputs, observers, desc, after_batch=None):
-        handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[0]))
+        # a conv module's input is its first argument; an SGS graph node gets (weight, input)
+        handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[mod.mi_input]
+                                                                                     if hasattr(mod, "mi_input") else args[0]))
                    for n, m in convs.items()]
         try:
             from tqdm.auto import tqdm
@@ -230,7 +232,10 @@ class MIScheduler:
 @contextmanager
 def _eval_no_grad(model: nn.Module):
     modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode, not just the root's
-    model.eval()
+    try:
+        model.eval()
+    except (NotImplementedError, RuntimeError):
+        pass  # torch.export's modules keep the mode they were exported in
     try:
         with torch.no_grad():
             yield

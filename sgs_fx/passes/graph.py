@@ -1,0 +1,148 @@
+"""SGS on conv *nodes* of an fx.GraphModule: ``torch.fx`` graphs with inlined convs, ``torch.export(...).module()``.
+
+Each conv call (``F.conv1d/2d/3d``, ``torch.conv*d``, ``aten.conv*d``, ``aten.convolution``) whose weight
+comes from a parameter (a ``get_attr``, possibly through shape-preserving nodes such as a fake-quant) gets an
+``SGSGraphWeight`` node on its weight edge, in the manner of torch.ao's observer insertion::
+
+    w = get_attr[layer1.0.conv1.weight]          w = get_attr[layer1.0.conv1.weight]
+    y = aten.conv2d(x, w, None, [1, 1], [1, 1])  ->  w2 = call_module[sgs.layer1_0_conv1_weight](w, x)
+                                                     y = aten.conv2d(x, w2, None, [1, 1], [1, 1])
+
+The node returns the weight itself (the forward is bit-identical) and holds S as a non-persistent buffer, so
+the state_dict keys do not change. When the weight reaches it as the Parameter, it is hooked like an SGS conv
+(see ``sgs_fx.ops``); through an intermediate node it is scaled per use. It also receives the conv's input,
+which is what the MI scheduler observes. ``strip_graph`` removes the nodes again.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ..ops import SCALE_BUFFER, SGSGraphWeight
+
+logger = logging.getLogger("sgs_fx")
+
+aten = torch.ops.aten
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_ATEN_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+               aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3}
+# single-input nodes that keep the weight's shape: a weight reached through them is still the parameter's
+_SHAPE_PRESERVING_METHODS = {"contiguous", "to", "float", "double", "half", "bfloat16", "detach", "clone"}
+SUBMODULE = "sgs"  # the GraphModule child holding every SGSGraphWeight
+
+
+def is_conv_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target in _ATEN_CONVS
+                                           or node.target is aten.convolution.default)
+
+
+def _conv_args(node: fx.Node) -> dict | None:
+    """stride / padding / dilation / groups of a conv node, or None for a transposed convolution."""
+    args = list(node.args) + [None] * 9
+    kw = node.kwargs
+    if node.target is aten.convolution.default:
+        if args[6] or kw.get("transposed"):
+            return None
+        return {"stride": args[3], "padding": args[4], "dilation": args[5], "groups": args[8]}
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    got = {n: (args[i] if i < len(node.args) else kw.get(n)) for i, n in enumerate(names)}
+    return {"stride": got["stride"] or 1, "padding": 0 if got["padding"] is None else got["padding"],
+            "dilation": got["dilation"] or 1, "groups": got["groups"] or 1}
+
+
+def _source_parameter(gm: fx.GraphModule, weight: fx.Node) -> tuple[str | None, str]:
+    """(qualified name of the parameter behind a weight edge, or None; a description of the edge)."""
+    node = weight
+    for _ in range(8):
+        if node.op == "get_attr":
+            try:
+                return (node.target if isinstance(gm.get_parameter(node.target), nn.Parameter) else None), node.target
+            except AttributeError:
+                return None, f"{node.target} (a buffer or constant, not a parameter)"
+        inputs = [a for a in node.all_input_nodes]
+        shape_kept = ((node.op == "call_module" and _is_fake_quant(gm.get_submodule(node.target)))
+                      or (node.op == "call_method" and node.target in _SHAPE_PRESERVING_METHODS)
+                      or (node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
+                          ("fake_quantize", "fused_moving_avg_obs_fake_quant", "_to_copy", "alias", "clone",
+                           "detach"))))
+        if not shape_kept or not inputs:
+            return None, f"computed by {node.format_node()}"
+        node = inputs[0]
+    return None, "reached through too many nodes"
+
+
+def _is_fake_quant(m: nn.Module) -> bool:
+    return type(m).__name__.endswith(("FakeQuantize", "FakeQuantizeBase")) or hasattr(m, "fake_quant_enabled")
+
+
+def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
+    """Insert an SGS node on the weight edge of every selected conv node; returns the new instrumented names."""
+    holder = getattr(gm, SUBMODULE, None)
+    if holder is None:
+        holder = nn.Module()
+        gm.add_submodule(SUBMODULE, holder)
+    names, refused = [], []
+    for node in list(gm.graph.nodes):
+        if not is_conv_node(node) or _is_instrumented_edge(gm, node):
+            continue
+        geometry = _conv_args(node)
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if geometry is None or not isinstance(weight, fx.Node):
+            continue
+        param_name, why = _source_parameter(gm, weight)
+        if param_name is None:
+            refused.append(f"{node.name} (weight {why})")
+            continue
+        param = gm.get_parameter(param_name)
+        child = param_name.replace(".", "_")
+        if not hasattr(holder, child):  # one S per parameter: later calls with it share the first call's node
+            mod = SGSGraphWeight(param, **geometry)
+            if not selected(param_name, mod):
+                continue
+            holder.add_module(child, mod)
+            mod._sgs_order = start + len(names)
+            mod.attach(param)
+            names.append(f"{SUBMODULE}.{child}")
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(f"{SUBMODULE}.{child}", (weight, x))
+        node.replace_input_with(weight, new)
+    if refused:
+        logger.warning("sgs_fx.transform: %d conv node(s) whose weight is not a parameter are not instrumented "
+                       "(a computed or reshaped kernel has no fixed spatial taps to scale): %s",
+                       len(refused), "; ".join(refused[:5]))
+    gm.graph.lint()
+    gm.recompile()
+    return names
+
+
+def _is_instrumented_edge(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    weight = conv.args[1] if len(conv.args) > 1 else conv.kwargs.get("weight")
+    return (isinstance(weight, fx.Node) and weight.op == "call_module"
+            and isinstance(gm.get_submodule(weight.target), SGSGraphWeight))
+
+
+def strip_graph(gm: fx.GraphModule) -> None:
+    """Remove every SGS node (its users read the weight directly again) and the modules holding S."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), SGSGraphWeight):
+            gm.get_submodule(node.target).detach()
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            changed = True
+    if changed or hasattr(gm, SUBMODULE):
+        if hasattr(gm, SUBMODULE):
+            delattr(gm, SUBMODULE)
+        gm.graph.lint()
+        gm.recompile()
+
+
+def graph_conv_count(gm: fx.GraphModule) -> int:
+    return sum(is_conv_node(n) for n in gm.graph.nodes)
+
+
+__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "graph_conv_count", "SCALE_BUFFER", "Tensor"]

@@ -1,0 +1,152 @@
+"""The pass on graphs (issue 10): conv nodes of fx GraphModules and torch.export modules get SGS on their
+weight edge; forward bit-identical, weight gradients exactly S ⊙ G (float64), strip restores the graph."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import fx, nn
+
+import sgs_fx
+from sgs_fx.ops import SGSGraphWeight
+from sgs_fx.passes.graph import is_conv_node
+
+
+class _Inline(fx.Tracer):
+    """Traces *into* conv modules: every conv becomes an F.conv call on a get_attr weight."""
+
+    def is_leaf_module(self, m, qualname):
+        return False if isinstance(m, nn.modules.conv._ConvNd) else super().is_leaf_module(m, qualname)
+
+
+def inlined(model):
+    return fx.GraphModule(model, _Inline().trace(model))
+
+
+def exported(model, x):
+    return torch.export.export(model, (x,)).module()
+
+
+def _random_scales(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    scales = {n: torch.rand(tuple(m.kernel_size), dtype=torch.float64, generator=g) + 0.25
+              for n, m in sgs_fx.instrumented(model).items()}
+    sgs_fx.set_scales(model, scales)
+    return sgs_fx.get_scales(model)
+
+
+def check_graph_model(gm, x):
+    """Every claim of the issue on one graph: identity, names, exact gradients, MI, strip."""
+    sgs = sgs_fx.transform(gm)
+    selected = [n for n in sgs.graph.nodes if is_conv_node(n) and n.args[1].op == "call_module"]
+    assert selected and all(isinstance(sgs.get_submodule(n.args[1].target), SGSGraphWeight) for n in selected)
+    assert sgs.state_dict().keys() == gm.state_dict().keys()
+    assert torch.equal(sgs(x), gm(x))
+    scales = _random_scales(sgs)
+    owner = {f"sgs.{n.replace('.', '_')}": n for n, _ in gm.named_parameters()}
+    for m in (gm, sgs):
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+    plain = dict(gm.named_parameters())
+    scaled_params = {owner[name] for name in scales}
+    for name, p in sgs.named_parameters():
+        key = f"sgs.{name.replace('.', '_')}"
+        expected = scales[key] * plain[name].grad if name in scaled_params else plain[name].grad
+        assert torch.equal(p.grad, expected), name
+    got = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
+    assert set(got) == set(scales) and all(torch.isfinite(s).all() for s in got.values())
+    stripped = sgs_fx.strip(sgs)
+    assert not any(isinstance(m, SGSGraphWeight) for m in stripped.modules())
+    assert stripped.state_dict().keys() == gm.state_dict().keys() and torch.equal(stripped(x), gm(x))
+    return sgs
+
+
+def test_exported_resnet18_conv_nodes():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sgs = check_graph_model(exported(model, x), x)
+    assert len(sgs_fx.instrumented(sgs)) == 17  # every conv whose kernel dims are all > 1
+    assert list(sgs_fx.instrumented(sgs))[0] == "sgs.conv1_weight"
+
+
+def test_inlined_fx_graph_and_onnx_export_of_the_stripped_graph(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    gm = inlined(model)
+    assert not any(isinstance(m, nn.Conv2d) for m in gm.modules() if m is not gm)
+    sgs = check_graph_model(gm, x)
+    report = sgs_fx.export_onnx(sgs_fx.strip(sgs).float(), tmp_path / "g.onnx", x[:1].float())
+    assert report.passed
+
+
+def test_mi_of_a_graph_node_equals_the_estimator_on_its_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+    gm = inlined(nn.Sequential(conv))
+    sgs = sgs_fx.transform(gm)
+    x = torch.randn(4, 3, 10, 10).cumsum(-1)
+    got = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
+    assert torch.equal(got["sgs.0_weight"], sgs_fx.dependence(x, conv))
+
+
+class CallsTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(F.conv2d(x, self.kernel, padding=1)), self.kernel, padding=1)
+
+
+def test_a_parameter_used_by_two_conv_nodes_gets_one_S():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(CallsTwice()).double()
+    sgs = sgs_fx.transform(gm)
+    assert list(sgs_fx.instrumented(sgs)) == ["sgs.kernel"]
+    s = _random_scales(sgs)["sgs.kernel"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for m in (gm, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    assert torch.equal(sgs.kernel.grad, s * gm.kernel.grad)  # S ⊙ (G1 + G2)
+
+
+class Computed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Parameter(torch.randn(3, 3, 3, 3))
+        self.gate = nn.Parameter(torch.ones(3, 1, 1, 1))
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.conv(F.conv2d(x, self.base * self.gate, padding=1))
+
+
+def test_computed_weights_are_named_in_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs = sgs_fx.transform(fx.symbolic_trace(Computed()))
+    assert "1 conv node(s) whose weight is not a parameter are not instrumented" in caplog.text
+    assert "computed by" in caplog.text and list(sgs_fx.instrumented(sgs)) == ["conv"]
+
+
+def test_graph_without_selected_conv_nodes_and_branch_mode_are_clear_errors():
+    gm = inlined(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="conv node\\(s\\) but none with a parameter weight is selected"):
+        sgs_fx.transform(gm)
+    with pytest.raises(ValueError, match="mode='branches'.*graph nodes"):
+        sgs_fx.transform(inlined(nn.Sequential(nn.Conv2d(3, 3, 3))), mode="branches", branches="acb")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
+                                  "regnet_y_400mf"])
+@pytest.mark.parametrize("how", ["exported", "inlined"])
+def test_torchvision_graphs(name, how):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=5).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    gm = exported(model, x) if how == "exported" else inlined(model)
+    check_graph_model(gm, x)
