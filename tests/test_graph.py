@@ -150,3 +150,42 @@ def test_torchvision_graphs(name, how):
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     gm = exported(model, x) if how == "exported" else inlined(model)
     check_graph_model(gm, x)
+
+
+class DeformNet(nn.Module):
+    """A detection-head pattern: a plain conv predicts the offsets of a deformable conv."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.offsets = nn.Conv2d(3, 2 * 3 * 3, 3, padding=1)
+        self.deform = DeformConv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.deform(x, self.offsets(x))
+
+
+def test_deform_conv_is_instrumented_like_a_conv_of_its_kernel():
+    torch.manual_seed(0)
+    model = DeformNet().double()
+    sgs = sgs_fx.transform(model)
+    assert list(sgs_fx.instrumented(sgs)) == ["offsets", "deform"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(sgs(x), model(x))
+    scales = _random_scales(sgs)
+    for m in (model, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    for name, p in sgs.named_parameters():
+        conv = name.rsplit(".", 1)[0]
+        expected = scales[conv] * dict(model.named_parameters())[name].grad if name.endswith("weight") else \
+            dict(model.named_parameters())[name].grad
+        assert torch.equal(p.grad, expected), name
+    # MI: a conv of the same kernel, dilation and padding (the offsets are ignored)
+    got = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
+    assert torch.equal(got["deform"], sgs_fx.dependence(x, nn.Conv2d(3, 4, 3, padding=1)))
+    stripped = sgs_fx.strip(sgs)
+    assert type(stripped.deform).__name__ == "DeformConv2d" and stripped.state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match="DeformConv2d.*no fixed sub-window branches"):
+        sgs_fx.transform(model, mode="branches", branches="acb")

@@ -14,7 +14,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class_for
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
-from .select import FilterFn, default_filter, is_plain_conv, unwrap
+from .select import FilterFn, default_filter, is_deform_conv, is_plain_conv, unwrap
 from .graph import graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
 
@@ -171,6 +171,10 @@ def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None
                 "recomputed by a forward pre-hook and cannot be copied or scaled; use "
                 "torch.nn.utils.parametrizations.weight_norm (SGS then scales the direction v), or leave the conv "
                 "out with filter_fn")
+        if mode == "branches" and is_deform_conv(m):
+            raise ValueError(
+                f"sgs_fx.transform(mode='branches'): {name!r} is a DeformConv2d, whose sampling positions move with "
+                "its offsets, so it has no fixed sub-window branches; use mode='sgs' or leave it out with filter_fn")
         if parametrize.is_parametrized(m, "weight"):
             if mode == "branches":
                 raise ValueError(

@@ -12,8 +12,13 @@ FilterFn = Callable[[str, nn.Module], bool]
 
 
 def is_plain_conv(m: nn.Module) -> bool:
-    """A forward (not transposed) ``nn.Conv1d/2d/3d`` or subclass; the paper defines no pairing for transposed convs."""
-    return isinstance(m, _ConvNd) and not m.transposed
+    """A forward (not transposed) ``nn.Conv1d/2d/3d`` or subclass, or ``torchvision.ops.DeformConv2d`` (its weight
+    is a conv kernel); the paper defines no pairing for transposed convs."""
+    return (isinstance(m, _ConvNd) and not m.transposed) or is_deform_conv(m)
+
+
+def is_deform_conv(m: nn.Module) -> bool:
+    return any(c.__name__ == "DeformConv2d" and c.__module__.startswith("torchvision.ops") for c in type(m).__mro__)
 
 
 def default_filter(name: str, m: nn.Module) -> bool:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .select import is_deform_conv
+
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
 
@@ -36,7 +38,8 @@ class CallSites:
 class _ConvLeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Never trace into a conv: tracing through the scaling autograd function would drop it silently.
-        return isinstance(m, _ConvNd) or getattr(m, "_sgs_leaf", False) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, _ConvNd) or is_deform_conv(m) or getattr(m, "_sgs_leaf", False)
+                or super().is_leaf_module(m, qualname))
 
 
 def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) -> CallSites:
@@ -53,7 +56,8 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
     modules = dict(model.named_modules())
     sites = CallSites(traced=True)
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), _ConvNd):
+        if node.op == "call_module" and (isinstance(modules.get(node.target), _ConvNd)
+                                         or is_deform_conv(modules.get(node.target))):
             if node.target not in sites.order:
                 sites.order.append(node.target)
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS:
@@ -67,7 +71,7 @@ def _order_by_running(model: nn.Module, example_inputs: tuple) -> list[str]:
     order: list[str] = []
     handles = []
     for name, m in model.named_modules():
-        if isinstance(m, _ConvNd):
+        if isinstance(m, _ConvNd) or is_deform_conv(m):
             handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)))
     was_training = model.training
     try:

@@ -57,8 +57,13 @@ class ConvGeometry:
             else:
                 computed[d] = len(computed)
                 tap_index.append(computed[d])
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        return cls(kernel, tuple(conv._reversed_padding_repeated_twice), mode, tuple(computed), tuple(tap_index))
+        # DeformConv2d has neither attribute: it zero-pads by `padding` (its offsets are ignored here)
+        padding_mode = getattr(conv, "padding_mode", "zeros")
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        pad = getattr(conv, "_reversed_padding_repeated_twice", None)
+        if pad is None:
+            pad = [p for p in reversed(tuple(conv.padding)) for _ in range(2)]
+        return cls(kernel, tuple(pad), mode, tuple(computed), tuple(tap_index))
 
 
 def _pair_views(xp: Tensor, d: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
