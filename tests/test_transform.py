@@ -113,19 +113,62 @@ def test_trace_failure_falls_back_with_one_warning(caplog):
     assert "not reached by the example run: unused" in caplog.text
 
 
-def test_functional_conv_is_reported(caplog):
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3)
-            self.w = nn.Parameter(torch.randn(3, 3, 3, 3))
+class Functional(nn.Module):
+    """A conv module, and a parameter used by two F.conv2d calls (one S for it)."""
 
-        def forward(self, x):
-            return F.conv2d(self.conv(x), self.w)
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.w = nn.Parameter(torch.randn(3, 3, 3, 3))
 
-    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
-        sgs_fx.transform(Functional())
-    assert "functional conv call(s) with parameter weights are not instrumented: w" in caplog.text
+    def forward(self, x):
+        h = F.conv2d(self.conv(x), self.w, padding=1)
+        return F.conv2d(torch.relu(h), self.w, padding=1)
+
+
+def test_functional_conv_of_an_ordinary_module_is_instrumented():
+    torch.manual_seed(0)
+    model = Functional().double()
+    sgs = sgs_fx.transform(model)
+    assert list(sgs_fx.instrumented(sgs)) == ["conv", "sgs_w"] and type(sgs) is Functional
+    assert sgs.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert torch.equal(sgs(x), model(x))
+    scales = random_scales(sgs)
+    sgs_fx.set_scales(sgs, scales)
+    scales = sgs_fx.get_scales(sgs)
+    for copy_of in (lambda m: m, copy.deepcopy):
+        m = copy_of(sgs)
+        for mm in (model, m):
+            mm.zero_grad()
+            mm(x).pow(2).sum().backward()
+        assert torch.equal(m.w.grad, scales["sgs_w"] * model.w.grad)  # S ⊙ (G1 + G2)
+        assert torch.equal(m.conv.weight.grad, scales["conv"] * model.conv.weight.grad)
+    # the MI pools the inputs of both calls: equal to the estimator on their concatenation
+    got = sgs_fx.MIScheduler(sgs, [x.float()], batches=1).calibrate()
+    with torch.no_grad():
+        h = F.conv2d(sgs.conv(x), sgs.w, padding=1)
+    both = torch.cat([sgs.conv(x), torch.relu(h)])
+    assert torch.allclose(got["sgs_w"], sgs_fx.dependence(both, nn.Conv2d(3, 3, 3, padding=1)), atol=1e-12, rtol=0)
+    stripped = sgs_fx.strip(sgs)
+    assert [n for n, _ in stripped.named_modules()] == ["", "conv"] and not stripped._forward_pre_hooks
+    stripped.zero_grad()
+    stripped(x).pow(2).sum().backward()
+    assert torch.equal(stripped.w.grad, model.w.grad)
+
+
+def test_functional_weight_replaced_by_load_state_dict_assign_keeps_S():
+    torch.manual_seed(0)
+    model = Functional().double()
+    sgs = sgs_fx.transform(model)
+    s = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    sgs_fx.set_scales(sgs, {"sgs_w": s})
+    sgs.load_state_dict({k: v.clone() for k, v in sgs.state_dict().items()}, assign=True)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for m in (model, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    assert torch.equal(sgs.w.grad, (s / s.mean()) * model.w.grad)
 
 
 def test_wrapped_model_is_refused():

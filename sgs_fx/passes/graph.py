@@ -39,7 +39,7 @@ def is_conv_node(node: fx.Node) -> bool:
                                            or node.target is aten.convolution.default)
 
 
-def _conv_args(node: fx.Node) -> dict | None:
+def conv_args(node: fx.Node) -> dict | None:
     """stride / padding / dilation / groups of a conv node, or None for a transposed convolution."""
     args = list(node.args) + [None] * 9
     kw = node.kwargs
@@ -88,7 +88,7 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
     for node in list(gm.graph.nodes):
         if not is_conv_node(node) or _is_instrumented_edge(gm, node):
             continue
-        geometry = _conv_args(node)
+        geometry = conv_args(node)
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         if geometry is None or not isinstance(weight, fx.Node):
             continue

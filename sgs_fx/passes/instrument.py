@@ -15,6 +15,7 @@ from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, default_filter, is_deform_conv, is_plain_conv, unwrap
+from .functional import instrument_functional
 from .graph import graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
 
@@ -105,11 +106,6 @@ def transform(
             type(model).__name__, sites.error,
             " (call order from example_inputs)" if sites.order else "",
         )
-    if sites.functional:
-        logger.warning(
-            "sgs_fx.transform: %d functional conv call(s) with parameter weights are not instrumented: %s",
-            len(sites.functional), ", ".join(sites.functional[:5]),
-        )
 
     rank = {name: i for i, name in enumerate(sites.order)}
     candidates.sort(key=lambda n: rank.get(n, len(rank)))
@@ -118,6 +114,8 @@ def transform(
         tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
             _instrument_sgs(modules[name], order=start + i, per_use=name in tied)
+        if sites.functional_calls:
+            candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
             nodes = instrument_graph(model, selected, start=start + len(candidates))
             if not candidates and not nodes and not already:
@@ -127,6 +125,9 @@ def transform(
             candidates += nodes
     else:
         instrument_branches(model, candidates, start=start, scales=scales, branches=branches)
+        if sites.functional:
+            logger.warning("sgs_fx.transform(mode='branches'): %d functional conv call(s) are left plain (branch "
+                           "blocks replace conv modules): %s", len(sites.functional), ", ".join(sites.functional[:5]))
 
     not_reached = [n for n in candidates if n not in rank] if sites.order else []
     logger.info(

@@ -6,6 +6,7 @@ import copy
 from torch import fx, nn
 
 from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
+from .functional import strip_functional
 from .graph import strip_graph
 from .select import replace_everywhere, unwrap
 
@@ -23,6 +24,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     root = unwrap(model)
     if isinstance(root, fx.GraphModule):
         strip_graph(root)
+    strip_functional(root)
     for name, m in list(root.named_modules()):
         if is_sgs_conv(m):
             _strip_sgs(m)

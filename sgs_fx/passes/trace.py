@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .graph import conv_args
 from .select import is_deform_conv
 
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -26,12 +27,14 @@ class CallSites:
         traced: the fx trace succeeded.
         order: qualified names of conv modules in the order of their first call.
         functional: ``F.conv*d`` calls whose weight is a parameter, as "owner.param" strings.
+        functional_calls: the same calls with their geometry, in call order.
         error: why tracing failed, if it did.
     """
 
     traced: bool
     order: list[str] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
+    functional_calls: list[tuple[str, dict]] = field(default_factory=list)  # (parameter, stride/padding/...)
     error: str | None = None
 
 
@@ -64,6 +67,7 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
             weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 sites.functional.append(weight.target)
+                sites.functional_calls.append((weight.target, conv_args(node)))
     return sites
 
 

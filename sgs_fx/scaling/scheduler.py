@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+import contextlib
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils._pytree import tree_map
 
 from ..ops import is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
+from ..passes.functional import ObserveFunctionalConvs
 from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, _check_hyper
 
@@ -201,14 +203,18 @@ class MIScheduler:
         handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[mod.mi_input]
                                                                                      if hasattr(mod, "mi_input") else args[0]))
                    for n, m in convs.items()]
+        # F.conv*d calls of ordinary modules: no module is called, a torch function mode sees the calls
+        functional = {id(m._sgs_param): (m._sgs_param, observers[n]) for n, m in convs.items()
+                      if m.__dict__.get("_sgs_functional")}
         try:
             from tqdm.auto import tqdm
 
             show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
-            for i, x in enumerate(tqdm(inputs, desc=desc, disable=not show, leave=False)):
-                _call(root, x)
-                if after_batch is not None:
-                    after_batch(i)
+            with ObserveFunctionalConvs(functional) if functional else contextlib.nullcontext():
+                for i, x in enumerate(tqdm(inputs, desc=desc, disable=not show, leave=False)):
+                    _call(root, x)
+                    if after_batch is not None:
+                        after_batch(i)
         finally:
             for h in handles:
                 h.remove()

@@ -1,0 +1,88 @@
+"""SGS for ``F.conv*d`` calls made by an ordinary module with one of its own parameters.
+
+A hyper-network layer, a dynamic or modulated conv written as ``F.conv2d(x, self.kernel, padding=1)`` has no
+conv module to swap. The trace finds the call and its geometry; the parameter gets the same gradient hook
+as an SGS conv, held by an ``SGSGraphWeight`` registered next to it (``<owner>.sgs_<param>``: S is a
+non-persistent buffer, so the state_dict keys do not change). A forward pre-hook on the owner re-checks
+the hook at every eager forward (wrappers replace Parameter objects), and during calibration a torch
+function mode hands the MI scheduler the input of every conv call made with the parameter.
+One S per parameter: several calls with it share it, and the MI pools their inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..ops import SCALE_BUFFER, SGSGraphWeight, _tracing
+
+_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+PREFIX = "sgs_"
+
+
+def _check_hooks(owner: nn.Module, args) -> None:
+    """Forward pre-hook of an owner: its SGS weights sit on its current Parameters (module-level: picklable)."""
+    if _tracing():
+        return
+    for child in owner.__dict__.get("_sgs_functional_children", ()):
+        mod = owner._modules[child]
+        param = owner._parameters.get(child[len(PREFIX):])
+        state = mod.__dict__.get("_sgs_hook")
+        if isinstance(param, nn.Parameter) and (state is None or state.param is not param
+                                                or state.scale is not mod._buffers[SCALE_BUFFER]):
+            mod.attach(param)
+
+
+def instrument_functional(model: nn.Module, sites, selected, start: int) -> list[str]:
+    """Hook every selected parameter that ``F.conv*d`` calls use as their weight; returns the new names."""
+    names = []
+    for param_name, geometry in sites:
+        owner_name, _, leaf = param_name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        child = PREFIX + leaf
+        param = owner._parameters.get(leaf)
+        if param is None or child in owner._modules or param.dim() < 3:
+            continue
+        mod = SGSGraphWeight(param, **geometry)
+        if not selected(param_name, mod):
+            continue
+        owner.add_module(child, mod)
+        mod._sgs_order = start + len(names)
+        mod.__dict__["_sgs_functional"] = True
+        mod.attach(param)
+        if not owner.__dict__.get("_sgs_functional_children"):
+            owner.__dict__["_sgs_hook_id"] = owner.register_forward_pre_hook(_check_hooks).id
+            owner.__dict__["_sgs_functional_children"] = []
+        owner.__dict__["_sgs_functional_children"].append(child)
+        names.append(f"{owner_name}.{child}" if owner_name else child)
+    return names
+
+
+def strip_functional(model: nn.Module) -> None:
+    """Remove the hooks, the S holders and the owners' pre-hooks."""
+    for owner in list(model.modules()):
+        children = owner.__dict__.pop("_sgs_functional_children", None)
+        if not children:
+            continue
+        for child in children:
+            owner._modules[child].detach()
+            del owner._modules[child]
+        owner._forward_pre_hooks.pop(owner.__dict__.pop("_sgs_hook_id", None), None)
+
+
+class ObserveFunctionalConvs(TorchFunctionMode):
+    """During calibration: pass the input of every conv call whose weight is a hooked parameter to its observer."""
+
+    def __init__(self, observers: dict):
+        super().__init__()
+        self.observers = observers  # id(parameter) -> (parameter, observer)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONVS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            entry = self.observers.get(id(weight))
+            if entry is not None and entry[0] is weight:
+                entry[1](args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
