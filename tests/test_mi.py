@@ -130,7 +130,7 @@ def test_chunked_channels_equal_unchunked(monkeypatch):
     conv = nn.Conv2d(6, 6, 3, padding=1)
     x = _feature_map((2, 6, 8, 8), 5)
     whole = sgs_fx.dependence(x, conv)
-    monkeypatch.setattr("sgs_fx.scaling.mi._CHUNK_ELEMENTS", 150)  # one or two channels a chunk
+    monkeypatch.setattr("sgs_fx.scaling.mi._CHUNK_ELEMENTS", {"cpu": 150})  # one or two channels a chunk
     assert torch.equal(sgs_fx.dependence(x, conv), whole)
 
 

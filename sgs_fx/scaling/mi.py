@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _RANGE_EPS = 1e-12  # added to each maximum (spec §3.3 step 5), float64
-_CHUNK_ELEMENTS = 1 << 20  # float64 elements per channel chunk (8 MB): bounds the extra memory of a pass
+# float64 elements per channel chunk: bounds the extra memory of pass 2. 8 MB on the CPU (cache-sized); on a
+# GPU 256 MB, so that a layer is a few kernel launches rather than hundreds.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class PairStats:
 
     def _chunks(self, xp: Tensor, float64: bool = True):
         per_channel = max(1, xp[:, :1].numel())
-        step = max(1, _CHUNK_ELEMENTS // per_channel)
+        step = max(1, _CHUNK_ELEMENTS.get(xp.device.type, _CHUNK_ELEMENTS["cpu"]) // per_channel)
         for c0 in range(0, self.channels, step):
             yield c0, (xp[:, c0:c0 + step].to(torch.float64) if float64 else xp[:, c0:c0 + step])
 
@@ -147,18 +149,33 @@ class PairStats:
 
     def _observe_range_views(self, xp: Tensor) -> None:
         # Without zero removal X and Y are plain views of the map: min over a view = min over the view of the
-        # batch-wise min. One pass over the data, then D' reductions of (C, L...) maps.
+        # batch-wise min. One pass over the data, then small reductions of (C, L...) maps, gathered into one
+        # update per statistic (few kernel launches: this runs per layer and batch).
         spatial = tuple(range(1, xp.dim() - 1))
-        for c0, xc in self._chunks(xp, float64=False):
-            c1 = c0 + xc.shape[1]
-            lo_map, hi_map = torch.aminmax(xc, dim=0)
-            self.full_lo[c0:c1] = torch.minimum(self.full_lo[c0:c1], lo_map.amin(spatial).double())
-            self.full_hi[c0:c1] = torch.maximum(self.full_hi[c0:c1], hi_map.amax(spatial).double())
-            for j, sx, sy in self._view_slices(xp.shape[2:]):
-                for side, sl in enumerate((sx, sy)):
-                    self.lo[side, c0:c1, j] = torch.minimum(self.lo[side, c0:c1, j], lo_map[(slice(None), *sl)].amin(spatial).double())
-                    self.hi[side, c0:c1, j] = torch.maximum(self.hi[side, c0:c1, j], hi_map[(slice(None), *sl)].amax(spatial).double())
-                self.count[c0:c1, j] += xp.shape[0] * math.prod(s_.stop - s_.start for s_ in sx)
+        lo_map, hi_map = torch.aminmax(xp, dim=0)
+        self.full_lo.copy_(torch.minimum(self.full_lo, lo_map.amin(spatial).double()))
+        self.full_hi.copy_(torch.maximum(self.full_hi, hi_map.amax(spatial).double()))
+        views = list(self._view_slices(xp.shape[2:]))
+        if not views:
+            return
+        js = [j for j, _, _ in views]
+        every = (slice(None),)  # the channel dim
+        lo = torch.stack([torch.stack([lo_map[every + v[1 + side]].amin(spatial) for v in views], dim=1)
+                          for side in (0, 1)]).double()  # (side, C, D'), side 0 = X's view, 1 = Y's
+        hi = torch.stack([torch.stack([hi_map[every + v[1 + side]].amax(spatial) for v in views], dim=1)
+                          for side in (0, 1)]).double()
+        if js == list(range(self.lo.shape[2])):
+            self.lo.copy_(torch.minimum(self.lo, lo))
+            self.hi.copy_(torch.maximum(self.hi, hi))
+        else:
+            self.lo[:, :, js] = torch.minimum(self.lo[:, :, js], lo)
+            self.hi[:, :, js] = torch.maximum(self.hi[:, :, js], hi)
+        pairs = torch.tensor([xp.shape[0] * math.prod(s_.stop - s_.start for s_ in sx) for _, sx, _ in views],
+                             dtype=torch.int64)
+        if js == list(range(self.count.shape[1])):
+            self.count += pairs.to(self.count.device)
+        else:
+            self.count[:, js] += pairs.to(self.count.device)
 
     def _observe_range_pairs(self, xp: Tensor) -> None:
         dims = (0, *range(2, xp.dim()))  # every dim but the channel
@@ -199,6 +216,8 @@ class PairStats:
         self.shared = ((self.lo == lo) & (self.hi == hi)).all(0) & (not self.zero_removal)
         full_width = self.full_hi + _RANGE_EPS - self.full_lo
         self.full_width = torch.where(full_width > 0, full_width, math.inf)
+        # the per-chunk decisions of pass 2 read host copies: no device synchronisation inside the loops
+        self._shared_host, self._bins_host = self.shared.cpu(), self.bins.cpu()
 
     # -- pass 2 ----------------------------------------------------------------------------------------
     def observe_hist(self, x: Tensor, padded: bool = False) -> None:
@@ -208,7 +227,7 @@ class PairStats:
         xp = x if padded else self._padded(x)
         for c0, xc in self._chunks(xp):
             c1 = c0 + xc.shape[1]
-            shared = self.shared[c0:c1]
+            shared = self._shared_host[c0:c1]
             if shared.any():
                 self._hist_shared(xc, c0, c1, shared)
             if not shared.all():
@@ -222,7 +241,7 @@ class PairStats:
         width = self.full_width[c0:c1].view(shape)
         # int32 index arithmetic (n * b_max² is far below 2**31): half the memory traffic of int64
         channel = (torch.arange(n, device=xc.device, dtype=torch.int32) * (b_max * b_max)).view(shape)
-        bins = self.bins[c0:c1]
+        bins = self._bins_host[c0:c1]
         buf = torch.empty_like(xc)
         for b in torch.unique(bins[shared]).tolist():
             # Spec §3.3 step 6, in this order: floor((v - lo) * B / (hi - lo)), clipped to [0, B - 1].
@@ -238,6 +257,7 @@ class PairStats:
                 if use.all():
                     self.hist[c0:c1, j] += counts
                 else:
+                    use = use.to(counts.device)
                     self.hist[c0:c1, j][use] += counts[use]
 
     def _hist_per_displacement(self, xc: Tensor, c0: int, c1: int, rows: Tensor) -> None:
@@ -256,7 +276,8 @@ class PairStats:
             flat = ix.mul_(b_max).add_(iy).add_(channel)
             flat = (flat[keep] if keep is not None else flat.flatten()).long()
             counts = torch.bincount(flat, minlength=(c1 - c0) * b_max * b_max).view(c1 - c0, b_max * b_max)
-            self.hist[c0:c1, j][rows[:, j]] += counts[rows[:, j]]
+            use = rows[:, j].to(counts.device)
+            self.hist[c0:c1, j][use] += counts[use]
 
     def _bin(self, V: Tensor, side: int, c0: int, c1: int, j: int, bins: Tensor, shape, buffers: dict,
              key: str) -> Tensor:
