@@ -7,7 +7,8 @@ Variants (each its own copy of the same initial model, SGD momentum):
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
                      backward (what the official implementation does)
   branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
-  *_compiled         torch.compile'd plain / sgs (with --compile, or always on CUDA)
+  *_compiled         torch.compile'd plain / sgs / sgs with transform(scaling="graph") (with --compile, or
+                     always on CUDA)
 
 Regimes:
   default            compute-bound CPU: full width, batch 64, 32x32, the machine's threads
@@ -81,6 +82,7 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     if compile_:
         variants["plain_compiled"] = copy.deepcopy(plain)
         variants["sgs_compiled"] = copy.deepcopy(sgs)
+        variants["sgs_graph_compiled"] = sgs_fx.transform(plain, scaling="graph", scales=scales)
     for k, m in variants.items():
         m.to(st.device)
         if st.channels_last:

@@ -84,9 +84,9 @@ def test_gradient_accumulation_scales_each_micro_batch_once():
                   {n: p.grad for n, p in sgs.named_parameters()}, scales, tol=1e-11)
 
 
-def _compiled_case(backend, tol):
+def _compiled_case(backend, tol, scaling="hook"):
     plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2)).double()
-    sgs = sgs_fx.transform(plain)
+    sgs = sgs_fx.transform(plain, scaling=scaling)
     sgs_fx.set_scales(sgs, random_scales(sgs))
     scales = sgs_fx.get_scales(sgs)
     torch._dynamo.reset()
@@ -100,8 +100,21 @@ def _compiled_case(backend, tol):
         assert_scaled(eager, _grads(sgs, x, call=compiled), sgs_fx.get_scales(sgs), tol=tol, others_tol=tol)
 
 
-def test_torch_compile_fullgraph_aot_eager():
-    _compiled_case("aot_eager", tol=0.0)  # same aten kernels as eager: bit-identical
+@pytest.mark.parametrize("scaling", ["hook", "graph"])
+def test_torch_compile_fullgraph_aot_eager(scaling):
+    _compiled_case("aot_eager", tol=0.0, scaling=scaling)  # same aten kernels as eager: bit-identical
+
+
+def test_graph_scaling_eager_is_exact_and_hookless():
+    plain = TinyNet().double()
+    sgs = sgs_fx.transform(plain, scaling="graph")
+    sgs_fx.set_scales(sgs, random_scales(sgs))
+    assert all(m.weight._backward_hooks is None or not m.weight._backward_hooks
+               for m in sgs_fx.instrumented(sgs).values())  # the scaling lives in the graph only
+    x = torch.randn(3, 3, 17, 17, dtype=torch.float64)
+    assert_scaled(_grads(plain, x), _grads(sgs, x), sgs_fx.get_scales(sgs))
+    with pytest.raises(ValueError, match="unknown scaling 'fast'"):
+        sgs_fx.transform(plain, scaling="fast")
 
 
 @pytest.mark.slow

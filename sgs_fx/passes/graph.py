@@ -78,7 +78,7 @@ def _is_fake_quant(m: nn.Module) -> bool:
     return type(m).__name__.endswith(("FakeQuantize", "FakeQuantizeBase")) or hasattr(m, "fake_quant_enabled")
 
 
-def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
+def instrument_graph(gm: fx.GraphModule, selected, start: int, per_use: bool = False) -> list[str]:
     """Insert an SGS node on the weight edge of every selected conv node; returns the new instrumented names."""
     holder = getattr(gm, SUBMODULE, None)
     if holder is None:
@@ -104,6 +104,8 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
                 continue
             holder.add_module(child, mod)
             mod._sgs_order = start + len(names)
+            if per_use:
+                mod.__dict__["_sgs_per_use"] = True
             mod.attach(param)
             names.append(f"{SUBMODULE}.{child}")
         x = node.args[0] if node.args else node.kwargs["input"]

@@ -35,6 +35,7 @@ def transform(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     branches=None,
+    scaling: str = "hook",
 ) -> nn.Module:
     """Instrument every selected conv of ``model`` for Spatial Gradient Scaling.
 
@@ -49,6 +50,10 @@ def transform(
         inplace: modify ``model`` itself; otherwise a deep copy is transformed and returned.
         branches: ``mode="branches"`` only: a recipe name ("acb", "repvgg", "skeleton") or a list of
             ``(kernel_shape, alpha)`` pairs; default: masked branches reproducing ``scales``.
+        scaling: how a conv module's weight gradient is scaled. ``"hook"`` (default): a gradient hook on the
+            Parameter, the cheapest in eager mode. ``"graph"``: ``scale_grad`` in the conv's forward graph,
+            which ``torch.compile`` fuses into the compiled backward (cheapest compiled, ~15 % dearer eager).
+            Same gradients either way. F.conv calls of ordinary modules always use the hook.
 
     Returns:
         The transformed model (``model`` itself when ``inplace=True``).
@@ -64,6 +69,8 @@ def transform(
         )
     if mode == "sgs" and branches is not None:
         raise ValueError("sgs_fx.transform: `branches` only applies to mode='branches'")
+    if scaling not in ("hook", "graph"):
+        raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'hook' (eager) or 'graph' (torch.compile)")
     _refuse_unsupported(model, mode, filter_fn or default_filter)
     if not inplace:
         model = copy.deepcopy(model)
@@ -113,11 +120,11 @@ def transform(
     if mode == "sgs":
         tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
-            _instrument_sgs(modules[name], order=start + i, per_use=name in tied)
+            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or scaling == "graph")
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
-            nodes = instrument_graph(model, selected, start=start + len(candidates))
+            nodes = instrument_graph(model, selected, start=start + len(candidates), per_use=scaling == "graph")
             if not candidates and not nodes and not already:
                 raise ValueError(f"sgs_fx.transform: the GraphModule has {conv_nodes} conv node(s) but none with a "
                                  "parameter weight is selected by the filter (see the warning above)")
