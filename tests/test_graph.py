@@ -189,3 +189,26 @@ def test_deform_conv_is_instrumented_like_a_conv_of_its_kernel():
     assert type(stripped.deform).__name__ == "DeformConv2d" and stripped.state_dict().keys() == model.state_dict().keys()
     with pytest.raises(ValueError, match="DeformConv2d.*no fixed sub-window branches"):
         sgs_fx.transform(model, mode="branches", branches="acb")
+
+
+def test_copies_of_an_instrumented_graph_keep_S():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
+    gm = inlined(model)
+    sgs = sgs_fx.transform(gm)
+    scales = _random_scales(sgs)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    buf = io.BytesIO()
+    torch.save(sgs, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(sgs), torch.load(buf, weights_only=False)):
+        for m in (gm, other):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+        for name, p in other.named_parameters():
+            key = f"sgs.{name.replace('.', '_')}"
+            expected = scales[key] * gm.get_parameter(name).grad if key in scales else gm.get_parameter(name).grad
+            assert torch.equal(p.grad, expected), name
