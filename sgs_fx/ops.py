@@ -31,6 +31,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
@@ -203,6 +204,15 @@ def _keep_scale(conv: nn.Module, old: Tensor | None) -> None:
     conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
 
 
+def _refuse_foreign_trace(conv: nn.Module) -> None:
+    # sgs_fx's own tracer keeps SGS convs as leaves; anyone else's fx trace (prepare_qat_fx, symbolic_trace)
+    # would inline the conv and leave a graph that nothing instruments any more: S silently gone.
+    raise RuntimeError(
+        f"sgs_fx: torch.fx is tracing through the SGS-instrumented {type(conv).__name__}, which would inline it "
+        "and drop S. Trace (or prepare_qat_fx / prepare_fx) the plain model first and call sgs_fx.transform on "
+        "the result; or sgs_fx.strip the model before tracing it")
+
+
 class SGSConvMixin:
     """An instrumented conv: its weight gradient is scaled by the buffer ``sgs_scale`` (S).
 
@@ -238,6 +248,8 @@ class SGSConvMixin:
         return w
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            _refuse_foreign_trace(self)
         # _sgs_weight's fast path, inlined: this runs for every conv of every step.
         w = self._parameters.get("weight")
         state = self.__dict__.get("_sgs_hook")
@@ -301,6 +313,8 @@ class _SGSOwnForwardMixin(SGSConvMixin):
         return w
 
     def forward(self, *args, **kwargs):
+        if args and isinstance(args[0], Proxy):
+            _refuse_foreign_trace(self)
         self._sgs_weight()
         per_call = self._sgs_per_use or not isinstance(self._parameters.get("weight"), nn.Parameter)
         if not per_call:
@@ -316,6 +330,8 @@ class _SGSParametrizedMixin(SGSConvMixin):
     """For convs whose weight is computed by ``torch.nn.utils.parametrize``: the hook sits on the original."""
 
     def forward(self, *args, **kwargs):
+        if args and isinstance(args[0], Proxy):
+            _refuse_foreign_trace(self)
         if not _tracing():
             state = self.__dict__.get("_sgs_hook")
             if state is None or state.param is not hook_target(self) or state.scale is not self._buffers[SCALE_BUFFER]:
@@ -418,6 +434,8 @@ class SGSGraphWeight(nn.Module):
         self.__dict__.pop("_sgs_param", None)
 
     def forward(self, weight: Tensor, input: Tensor) -> Tensor:
+        if isinstance(weight, Proxy):
+            _refuse_foreign_trace(self)
         state = self.__dict__.get("_sgs_hook")
         if state is not None and state.hooked and state.param is weight and state.scale is self._buffers[SCALE_BUFFER]:
             return weight
