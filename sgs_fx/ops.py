@@ -250,7 +250,7 @@ class SGSConvMixin:
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Proxy):
             _refuse_foreign_trace(self)
-        # _sgs_weight's fast path, inlined: this runs for every conv of every step.
+        # _sgs_weight's fast path, inlined: this runs for every conv of every step (identity tests only).
         w = self._parameters.get("weight")
         state = self.__dict__.get("_sgs_hook")
         if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
@@ -287,7 +287,7 @@ class SGSConvMixin:
         return new
 
     def __reduce_ex__(self, protocol):
-        # Derived classes are created at run time; pickle (torch.save, deepcopy) rebuilds them by base.
+        # Derived classes are created at run time; pickle (torch.save) rebuilds them by base.
         # The hook state is not copied: a copy's weight is a new tensor and gets its own hook.
         state = dict(self.__getstate__())
         state.pop("_sgs_hook", None)
