@@ -146,17 +146,21 @@ def test_pixels_binned_once_give_the_same_histograms_as_binning_per_displacement
     # the fast path (each pixel binned once, displacements pair bin maps) must count exactly what the
     # general path (every (c, d) binned on its own) counts; a border maximum makes some (c, d) irregular
     conv = nn.Conv2d(4, 4, 3)  # no padding: a view that drops the top row drops real pixels
-    x = _feature_map((3, 4, 9, 9), 5)
-    x[:, 1, 0, 4] = 10.0  # channel 1's maximum lies only in the top row: views that drop it have other ranges
-    hists = []
-    for force_general in (False, True):
-        stats = PairStats(ConvGeometry.of(conv), 4, zero_removal=False)
-        stats.observe_range(x)
-        stats.start_histograms()
-        if force_general:
-            stats.shared[:] = False
-        else:
-            assert stats.shared.any() and not stats.shared.all()
-        stats.observe_hist(x)
-        hists.append(stats.hist)
-    assert torch.equal(hists[0], hists[1])
+    regular = _feature_map((3, 4, 9, 9), 5)
+    regular[:, :, 4, 4], regular[:, :, 4, 5] = 10.0, -10.0  # extremes inside every view: all (c, d) share bins
+    border = regular.clone()
+    border[:, 1, 0, 4] = 20.0  # channel 1's maximum only in the top row: views that drop it have other ranges
+    for x, all_shared in ((regular, True), (border, False)):
+        hists = []
+        for force_general in (False, True):
+            stats = PairStats(ConvGeometry.of(conv), 4, zero_removal=False)
+            stats.observe_range(x)
+            stats.start_histograms()
+            if force_general:
+                stats.shared[:] = False
+                stats._shared_host[:] = False
+            else:
+                assert bool(stats.shared.all()) is all_shared and stats.shared.any()
+            stats.observe_hist(x)
+            hists.append(stats.hist)
+        assert torch.equal(hists[0], hists[1])
