@@ -19,9 +19,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from ..ops import SCALE_BUFFER, SGSGraphWeight
+from ..ops import SGSGraphWeight
 
 logger = logging.getLogger("sgs_fx")
 
@@ -147,4 +147,4 @@ def graph_conv_count(gm: fx.GraphModule) -> int:
     return sum(is_conv_node(n) for n in gm.graph.nodes)
 
 
-__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "graph_conv_count", "SCALE_BUFFER", "Tensor"]
+__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "conv_args", "graph_conv_count"]

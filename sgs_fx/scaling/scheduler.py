@@ -183,7 +183,7 @@ class MIScheduler:
         size = 0
 
         def observe(name, x):
-            nonlocal kept, size
+            nonlocal size
             xp = stats[name].observe_range(x, keep=kept is not None)
             if kept is not None:
                 kept[name].append(xp)
