@@ -126,13 +126,25 @@ def _target_of(m: nn.Module) -> Tensor | None:
     return m.__dict__.get("_sgs_param") if isinstance(m, SGSGraphWeight) else hook_target(m)
 
 
+def _attached_for(m: nn.Module, target: Tensor | None) -> bool:
+    """Whether ``m``'s hook state was made for ``target`` and its current S (the eager re-check)."""
+    state = m.__dict__.get("_sgs_hook")
+    return state is not None and state.param is target and state.scale is m._buffers[SCALE_BUFFER]
+
+
+def _deepcopy_without_hook(module: nn.Module, memo: dict) -> nn.Module:
+    """Everything but the hook state is copied; the copy's weight is a new tensor and gets a hook of its own."""
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
+    new.__dict__.update(copy.deepcopy({k: v for k, v in module.__dict__.items() if k != "_sgs_hook"}, memo))
+    attach_hook(new)
+    return new
+
+
 def attach_hook(conv: nn.Module) -> None:
-    """(Re)attach ``conv``'s gradient hook to its current weight Parameter and S buffer."""
-    _attach_to(conv, hook_target(conv))
-
-
-def _attach_to(conv: nn.Module, w: Tensor | None) -> None:
+    """(Re)attach ``conv``'s gradient hook to its current weight Parameter (or graph node's parameter) and S."""
     detach_hook(conv)
+    w = _target_of(conv)
     s = conv._buffers.get(SCALE_BUFFER)
     if w is None or s is None:
         return
@@ -145,7 +157,7 @@ def _attach_to(conv: nn.Module, w: Tensor | None) -> None:
                 "(the weight's gradient is S1*G1 + S2*G2), at the cost of an autograd function per call",
                 type(other).__name__, type(conv).__name__)
             other.__dict__["_sgs_per_use"] = True
-            _attach_to(other, _target_of(other))
+            attach_hook(other)
             conv.__dict__["_sgs_per_use"] = True
     handle = None
     if not conv.__dict__.get("_sgs_per_use", False):
@@ -197,7 +209,7 @@ def _keep_scale(conv: nn.Module, old: Tensor | None) -> None:
     ``half()`` would otherwise round S to fp16, and ``to_empty()`` of a model built on the meta device
     would leave S as uninitialised memory; S then comes from the float64 copy ``set_scales`` keeps.
     """
-    new, w = conv._buffers.get(SCALE_BUFFER), hook_target(conv)
+    new, w = conv._buffers.get(SCALE_BUFFER), _target_of(conv)
     if old is None or new is None or w is None or new.is_meta:
         return
     source = conv.__dict__["_sgs_master"] if old.is_meta else old
@@ -225,9 +237,8 @@ class SGSConvMixin:
     def _sgs_weight(self) -> Tensor:
         """The weight for this forward: the hooked Parameter, or ``scale_grad(weight, S)`` per use."""
         w = self._parameters.get("weight")
-        state = self.__dict__.get("_sgs_hook")
-        # The fast path: two identity tests (the hook sits on this weight and this S), nothing else.
-        if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
+        # The fast path: identity tests only (the hook sits on this weight and this S).
+        if _attached_for(self, w) and self.__dict__["_sgs_hook"].hooked:
             return w
         return self._sgs_weight_slow(w)
 
@@ -237,10 +248,8 @@ class SGSConvMixin:
             # the Parameter's hook where it is (a compiled forward after the call still relies on it).
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
-        if not _tracing():  # a traced forward cannot register hooks; they were attached eagerly
-            state = self.__dict__.get("_sgs_hook")
-            if state is None or state.param is not target or state.scale is not self._buffers[SCALE_BUFFER]:
-                attach_hook(self)
+        if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
+            attach_hook(self)
         if w is None:
             return self.weight
         if self.__dict__.get("_sgs_per_use", False):
@@ -276,15 +285,8 @@ class SGSConvMixin:
     def extra_repr(self) -> str:
         return super().extra_repr() + (", sgs=per-use" if self._sgs_per_use else ", sgs=True")
 
-    def __deepcopy__(self, memo):
-        # Explicit so that classes with a __deepcopy__ of their own (parametrized modules) copy the same way:
-        # everything but the hook state, then a hook of the copy's own.
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_sgs_hook"}
-        new.__dict__.update(copy.deepcopy(state, memo))
-        attach_hook(new)
-        return new
+    # Explicit so that classes with a __deepcopy__ of their own (parametrized modules) copy the same way.
+    __deepcopy__ = _deepcopy_without_hook
 
     def __reduce_ex__(self, protocol):
         # Derived classes are created at run time; pickle (torch.save) rebuilds them by base.
@@ -332,10 +334,8 @@ class _SGSParametrizedMixin(SGSConvMixin):
     def forward(self, *args, **kwargs):
         if args and isinstance(args[0], Proxy):
             _refuse_foreign_trace(self)
-        if not _tracing():
-            state = self.__dict__.get("_sgs_hook")
-            if state is None or state.param is not hook_target(self) or state.scale is not self._buffers[SCALE_BUFFER]:
-                attach_hook(self)
+        if not _tracing() and not _attached_for(self, hook_target(self)):
+            attach_hook(self)
         return self._sgs_base.forward(self, *args, **kwargs)
 
 
@@ -427,7 +427,7 @@ class SGSGraphWeight(nn.Module):
 
     def attach(self, param: Tensor) -> None:
         self.__dict__["_sgs_param"] = param
-        _attach_to(self, param)
+        attach_hook(self)
 
     def detach(self) -> None:
         detach_hook(self)
@@ -436,8 +436,7 @@ class SGSGraphWeight(nn.Module):
     def forward(self, weight: Tensor, input: Tensor) -> Tensor:
         if isinstance(weight, Proxy):
             _refuse_foreign_trace(self)
-        state = self.__dict__.get("_sgs_hook")
-        if state is not None and state.hooked and state.param is weight and state.scale is self._buffers[SCALE_BUFFER]:
+        if _attached_for(self, weight) and self.__dict__["_sgs_hook"].hooked:
             return weight
         if isinstance(weight, nn.Parameter) and not _tracing():
             self.attach(weight)
@@ -448,12 +447,8 @@ class SGSGraphWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         old = self._buffers.get(SCALE_BUFFER)
         out = super()._apply(fn, recurse)
-        param = self.__dict__.get("_sgs_param")
-        new = self._buffers[SCALE_BUFFER]
-        if param is not None and not new.is_meta:
-            source = self.__dict__["_sgs_master"] if old is not None and old.is_meta else old
-            self._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(param.dtype))
-            self.attach(param)
+        _keep_scale(self, old)
+        attach_hook(self)
         return out
 
     def __getstate__(self):
@@ -463,16 +458,9 @@ class SGSGraphWeight(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if self.__dict__.get("_sgs_param") is not None:
-            self.attach(self._sgs_param)
+        attach_hook(self)
 
-    def __deepcopy__(self, memo):
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
-        if new.__dict__.get("_sgs_param") is not None:
-            new.attach(new._sgs_param)
-        return new
+    __deepcopy__ = _deepcopy_without_hook
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, sgs=True"

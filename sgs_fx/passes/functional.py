@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..ops import SCALE_BUFFER, SGSGraphWeight, _tracing
+from ..ops import SGSGraphWeight, _attached_for, _tracing
 
 _CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 PREFIX = "sgs_"
@@ -28,9 +28,7 @@ def _check_hooks(owner: nn.Module, args) -> None:
     for child in owner.__dict__.get("_sgs_functional_children", ()):
         mod = owner._modules[child]
         param = owner._parameters.get(child[len(PREFIX):])
-        state = mod.__dict__.get("_sgs_hook")
-        if isinstance(param, nn.Parameter) and (state is None or state.param is not param
-                                                or state.scale is not mod._buffers[SCALE_BUFFER]):
+        if isinstance(param, nn.Parameter) and not _attached_for(mod, param):
             mod.attach(param)
 
 

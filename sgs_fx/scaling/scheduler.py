@@ -200,8 +200,7 @@ class MIScheduler:
 
     def _run(self, root, convs, inputs, observers, desc, after_batch=None):
         # a conv module's input is its first argument; an SGS graph node gets (weight, input)
-        handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[mod.mi_input]
-                                                                                     if hasattr(mod, "mi_input") else args[0]))
+        handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[getattr(mod, "mi_input", 0)]))
                    for n, m in convs.items()]
         # F.conv*d calls of ordinary modules: no module is called, a torch function mode sees the calls
         functional = {id(m._sgs_param): (m._sgs_param, observers[n]) for n, m in convs.items()
