@@ -69,23 +69,31 @@ def run_forward_only(model, batches) -> None:
                 model(x)
 
 
-def run_official_code(model, batches, official_dir: str) -> dict:
-    """The official estimator itself, imported from a clone (measured side by side, never copied)."""
-    sys.path.insert(0, official_dir)
-    from dependence import feature_map_nmik  # noqa: E402  (the official module; needs fast_histogram)
-
+def conv_inputs(model, batches, keep) -> dict:
+    """One eval forward per batch, keeping ``keep(conv, input)`` of every instrumented conv: the official
+    flow, which holds every layer's feature maps before computing anything."""
     convs = sgs_fx.instrumented(model)
     maps = {n: [] for n in convs}
-    hooks = [m.register_forward_hook(
-        lambda mod, a, out, n=n: maps[n].append(F.pad(a[0], (mod.padding[0], mod.padding[0], mod.padding[1],
-                                                            mod.padding[1])).detach().cpu()))
-        for n, m in convs.items()]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: maps[n].append(keep(mod, a[0])))
+             for n, m in convs.items()]
     model.eval()
     with torch.no_grad():
         for x in batches:
             model(x)
     for h in hooks:
         h.remove()
+    return maps
+
+
+def run_official_code(model, batches, official_dir: str) -> dict:
+    """The official estimator itself, imported from a clone (measured side by side, never copied)."""
+    sys.path.insert(0, official_dir)
+    from dependence import feature_map_nmik  # noqa: E402  (the official module; needs fast_histogram)
+
+    convs = sgs_fx.instrumented(model)
+    # padded as the official hook pads: F.pad(x, (p0, p0, p1, p1))
+    maps = conv_inputs(model, batches, lambda mod, x: F.pad(x, (mod.padding[0], mod.padding[0], mod.padding[1],
+                                                                mod.padding[1])).detach().cpu())
     return {n: feature_map_nmik(torch.cat(maps[n]), kernel_size=tuple(convs[n].kernel_size), k=5)
             for n in convs}
 
@@ -94,15 +102,7 @@ def run_official(model, batches) -> dict:
     """Re-implementation: feature maps of every layer kept whole, then a Python loop over channels x
     displacements with np.histogram2d."""
     convs = sgs_fx.instrumented(model)
-    maps = {n: [] for n in convs}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: maps[n].append(a[0].detach().clone()))
-             for n, m in convs.items()]
-    model.eval()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for h in hooks:
-        h.remove()
+    maps = conv_inputs(model, batches, lambda mod, x: x.detach().clone())
     out = {}
     for name, conv in convs.items():
         x = F.pad(torch.cat(maps[name]), list(conv._reversed_padding_repeated_twice)).double().numpy()
