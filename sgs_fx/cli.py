@@ -41,12 +41,19 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (smoke runs)")
+    p.add_argument("--qat", dest="qat_epoch", type=int, metavar="EPOCH",
+                   help="fake-quant INT8 training (QAT) from this 0-based epoch on (-1: the last epoch); "
+                        "the run then exports model_int8.onnx")
+    p.add_argument("--weight-bits", type=int, choices=[7, 8], default=d.weight_bits,
+                   help="QAT weight bits: 7 (default; exact in onnxruntime on any x86 CPU) or 8 (VNNI / ARM)")
 
 
 def _config(args) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if getattr(args, "recipe", None):
         values["scales"] = args.recipe
+    if values.get("qat_epoch") is not None and values["qat_epoch"] < 0:  # -1: the last epoch
+        values["qat_epoch"] += values.get("epochs", TrainConfig.epochs)
     return TrainConfig(**values)
 
 
@@ -100,16 +107,24 @@ def cmd_export(args) -> int:
     import torch
 
     from .export.onnx import export_onnx
+    from .export.qdq import has_quantization
     from .models import build_model
 
-    model = build_model(args.model, width=args.width, num_classes=args.num_classes)
+    if not args.checkpoint and not args.model:
+        print("sgs-fx export: give --checkpoint (written by `sgs-fx train`) or --model", file=sys.stderr)
+        return 2
+    model = build_model(args.model, width=args.width, num_classes=args.num_classes) if args.model else None
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "model" in state and "config" in state:  # written by `sgs-fx train`
-            from .train import TrainConfig, build
+            from .train import load_trained
 
-            model = build(TrainConfig(**state["config"]), torch.device("cpu"))  # SGS or branched, as trained
-            state = state["model"]
+            model, _ = load_trained(args.checkpoint)  # SGS, branched or fake-quant, as trained
+            state = model.state_dict()
+        elif model is None:
+            print(f"sgs-fx export: {args.checkpoint} is a plain state_dict; say which --model it belongs to",
+                  file=sys.stderr)
+            return 2
         elif args.recipe:  # a plain state_dict of a branch-mode model
             import sgs_fx
 
@@ -122,9 +137,33 @@ def cmd_export(args) -> int:
                   f"{str(exc).splitlines()[0]}", file=sys.stderr)
             return 2
     shape = tuple(int(v) for v in args.input_shape.split(","))
-    report = export_onnx(model, args.output, torch.randn(shape), opset=args.opset)
+    check = None
+    if args.int8 or has_quantization(model):
+        data = _int8_data(args)
+        check = data.test_images[:1000] if data is not None else None
+        if not has_quantization(model):  # a float model: post-training quantization on training batches
+            import sgs_fx
+
+            model = sgs_fx.quantize_ptq(model, _calibration_batches(data, args), num_batches=args.calib_batches,
+                                        weight_bits=args.weight_bits)
+    report = export_onnx(model, args.output, torch.randn(shape), opset=args.opset, check_input=check)
     print(report)
     return 0
+
+
+def _int8_data(args):
+    """CIFAR-10 as floats for calibration and the agreement check (synthetic for smoke runs)."""
+    from .data import load_cifar10, synthetic_cifar, to_float
+
+    data = synthetic_cifar() if args.calib_data == "synthetic" else load_cifar10(args.data_dir)
+    data.train_images, data.test_images = to_float(data.train_images), to_float(data.test_images)
+    return data
+
+
+def _calibration_batches(data, args, batch_size: int = 128):
+    n = len(data.train_images)
+    order = __import__("torch").randperm(n, generator=__import__("torch").Generator().manual_seed(0))
+    return (data.train_images[order[i:i + batch_size]] for i in range(0, n, batch_size))
 
 
 def main(argv=None) -> int:
@@ -160,7 +199,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX, checked with onnxruntime")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the architecture of a plain state_dict (a train checkpoint says it itself)")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--checkpoint", help="written by `sgs-fx train`, or a plain state_dict")
@@ -168,6 +207,13 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--input-shape", default="1,3,32,32")
     p.add_argument("--opset", type=int)
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 QDQ ONNX: a QAT checkpoint as trained; a float one by post-training quantization")
+    p.add_argument("--calib-batches", type=int, default=32, help="--int8 on a float model: calibration batches")
+    p.add_argument("--weight-bits", type=int, choices=[7, 8], default=7, help="--int8 PTQ weight bits")
+    p.add_argument("--calib-data", choices=["cifar10", "synthetic"], default="cifar10",
+                   help="--int8: calibration and agreement-check images (training / test split)")
+    p.add_argument("--data-dir", help="a folder with cifar-10-batches-py/ (torchvision's format)")
     p.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)

@@ -56,6 +56,8 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True
     max_steps_per_epoch: int | None = None  # smoke runs
+    qat_epoch: int | None = None  # from this epoch (0-based) on: fake-quant INT8 training (QAT); None: float
+    weight_bits: int = 7  # QAT weights: 7 (onnxruntime-exact on every x86 CPU) or 8 (VNNI / ARM)
 
 
 @dataclass
@@ -98,6 +100,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError("--mode branches needs a recipe: --scales acb, repvgg or skeleton")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
+    if cfg.qat_epoch is not None and not 0 <= cfg.qat_epoch < cfg.epochs:
+        raise ValueError(f"--qat-epoch {cfg.qat_epoch}: QAT must start at an epoch in [0, {cfg.epochs - 1}] "
+                         f"(0-based; --epochs is {cfg.epochs})")
+    if cfg.weight_bits not in (7, 8):
+        raise ValueError(f"--weight-bits {cfg.weight_bits}: use 7 or 8")
     build_model(cfg.model, width=cfg.width)  # raises a clear error for an unknown name
     out = Path(cfg.out)
     try:
@@ -155,43 +162,75 @@ def build(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Train as configured; returns the summary (also written to ``out/summary.json``)."""
+def to_qat(model: nn.Module, opt: torch.optim.Optimizer, sched_lr, cfg: TrainConfig, device: torch.device):
+    """Switch a float model to fake-quant training in place: (model, optimizer, lr schedule) to go on with.
+
+    SGS keeps its scales and the Parameter objects (strip, prepare_qat and transform all in place), so
+    the optimizer's momentum carries over; a branch-mode model is folded first (as it would be deployed),
+    whose new parameters start without momentum.
+    """
+    scales = sgs_fx.get_scales(model) if cfg.mode == "sgs" and cfg.scales != "none" else None
+    plain = sgs_fx.strip(model, inplace=True)
+    qat = sgs_fx.prepare_qat(plain, torch.zeros(2, 3, 32, 32, device=device), inplace=True,
+                             qconfig_mapping=sgs_fx.qconfig_mapping(weight_bits=cfg.weight_bits))
+    if scales is not None:
+        qat = sgs_fx.transform(qat, inplace=True)
+        sgs_fx.set_scales(qat, scales)
+    new_opt = torch.optim.SGD(qat.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    new_opt.param_groups[0].update({k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    new_opt.state.update({p: opt.state[p] for p in qat.parameters() if p in opt.state})
+    new_sched = torch.optim.lr_scheduler.CosineAnnealingLR(new_opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    new_sched.load_state_dict(sched_lr.state_dict())
+    return qat, new_opt, new_sched
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train as configured; returns the summary (also written to ``out/summary.json``).
+
+    ``stop_at``: end after that many epochs (a later ``resume=True`` call goes on exactly).
+    """
     _validate(cfg)
     device = _device(cfg.device)
     d = _setup_distributed(device)
     out = Path(cfg.out)
     data = synthetic_cifar(seed=cfg.seed) if cfg.data == "synthetic" else load_cifar10(cfg.data_dir)
-    model = build(cfg, device)
-    core = model
-    if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = build(cfg, device)
     opt = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
-    mi = None
-    if cfg.scales == "mi":
-        mi = sgs_fx.MIScheduler(model, [], k=cfg.k, every=cfg.every, warmup=cfg.warmup, batches=cfg.mi_batches,
-                                zero_removal=cfg.zero_removal, progress=False)
     history: dict = {"metrics": [], "scales": {}}
     start = 0
     ckpt_path = out / "checkpoint.pt"
+    state = None
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        start = state["epoch"] + 1
+        if cfg.qat_epoch is not None and start > cfg.qat_epoch:  # the checkpoint holds the fake-quant model
+            core, opt, sched_lr = to_qat(core, opt, sched_lr, cfg, device)
+    model, mi = _wrap(core, cfg, d, device)
+    if state is not None:
         core.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched_lr.load_state_dict(state["lr_scheduler"])
         if mi is not None:
             mi.load_state_dict(state["mi"])
-        history, start = state["history"], state["epoch"] + 1
+        history = state["history"]
         if d.main:
             logger.info("resumed from %s at epoch %d", ckpt_path, start)
     metrics_path = out / "metrics.jsonl"
     if d.main and not resume:
         metrics_path.write_text("")
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, cfg.epochs if stop_at is None else min(stop_at, cfg.epochs)):
+        if epoch == cfg.qat_epoch:
+            mi_state = mi.state_dict() if mi is not None else None
+            core, opt, sched_lr = to_qat(core, opt, sched_lr, cfg, device)
+            model, mi = _wrap(core, cfg, d, device)
+            if mi is not None:
+                mi.load_state_dict(mi_state)
+            if d.main:
+                logger.info("epoch %d: fake-quant training (QAT, %d-bit weights) from here on", epoch, cfg.weight_bits)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = EpochBatches(data, cfg, epoch, d, device)
         if mi is not None:
@@ -224,16 +263,59 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                "mean_epoch_time_s": sum(m["epoch_time_s"] for m in history["metrics"]) / max(1, len(history["metrics"])),
                "scales": {n: s.tolist() for n, s in sgs_fx.get_scales(core).items()} if cfg.scales != "none" else {}}
     if d.main:
-        if cfg.export:
-            report = sgs_fx.export_onnx(core, out / "model.onnx", torch.zeros(1, 3, 32, 32, device=device))
-            summary["onnx"] = {"path": report.path, "passed": report.passed, "max_abs_diff": report.max_abs_diff,
-                               "exporter": report.exporter}
+        if cfg.export and len(history["metrics"]) == cfg.epochs:
+            summary["onnx"] = export_summary(_export(core, data, out, device))
         if cfg.plots:
             from .plots import plot_run
 
             summary["plots"] = plot_run(history, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """The model of a checkpoint written by ``train`` (SGS, branches, or fake-quant after --qat-epoch)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    if not (isinstance(state, dict) and {"model", "config", "epoch"} <= set(state)):
+        raise ValueError(f"{path} is not a checkpoint written by `sgs-fx train` (no model / config / epoch)")
+    cfg = TrainConfig(**state["config"])
+    device = torch.device(device)
+    model = build(cfg, device)
+    if cfg.qat_epoch is not None and state["epoch"] >= cfg.qat_epoch:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        model, _, _ = to_qat(model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1), cfg, device)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+def _wrap(core: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device):
+    """(the model to train: DDP around ``core`` when distributed, its MI scheduler or None)."""
+    model = core
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    mi = None
+    if cfg.scales == "mi":
+        mi = sgs_fx.MIScheduler(model, [], k=cfg.k, every=cfg.every, warmup=cfg.warmup, batches=cfg.mi_batches,
+                                zero_removal=cfg.zero_removal, progress=False)
+    return model, mi
+
+
+def _export(core: nn.Module, data: Cifar10, out: Path, device) -> "sgs_fx.ExportReport":
+    from .export.qdq import has_quantization
+
+    if has_quantization(core):  # QAT: INT8, checked on real test images (agreement needs real margins)
+        check = to_float(data.test_images[:1000])
+        return sgs_fx.export_onnx(core, out / "model_int8.onnx", check[:1], check_input=check)
+    return sgs_fx.export_onnx(core, out / "model.onnx", torch.zeros(1, 3, 32, 32, device=device))
+
+
+def export_summary(report: "sgs_fx.ExportReport") -> dict:
+    row = {"path": report.path, "passed": report.passed, "max_abs_diff": report.max_abs_diff,
+           "exporter": report.exporter, "size_bytes": report.size_bytes, "quantized": report.quantized}
+    if report.quantized:
+        row.update(agreement=report.agreement, checked=report.checked, max_output_diff=report.max_output_diff,
+                   int8_kernels={k: v for k, v in report.ort_ops.items() if k.startswith(("QLinear", "QGemm"))})
+    return row
 
 
 def _train_epoch(model, opt, batches, epoch, cfg, d) -> tuple[float, float]:
@@ -263,16 +345,20 @@ def _train_epoch(model, opt, batches, epoch, cfg, d) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Cifar10, device, d: _Dist = _Dist(), batch_size: int = 500) -> tuple[float, float]:
+    from .quant import observers_frozen
+
     was = model.training
     model.eval()
     n = len(data.test_labels)
     total = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(d.rank * batch_size, n, batch_size * d.world):
-        x = to_float(data.test_images[i:i + batch_size].to(device))
-        y = data.test_labels[i:i + batch_size].to(device)
-        out = model(x)
-        total += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), (out.argmax(1) == y).sum().double(),
-                              torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    with observers_frozen(model):  # test images must not move a fake-quant model's ranges
+        for i in range(d.rank * batch_size, n, batch_size * d.world):
+            x = to_float(data.test_images[i:i + batch_size].to(device))
+            y = data.test_labels[i:i + batch_size].to(device)
+            out = model(x)
+            total += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                                  (out.argmax(1) == y).sum().double(),
+                                  torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
     if d.world > 1:
         dist.all_reduce(total)
     model.train(was)

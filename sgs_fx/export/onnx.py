@@ -10,6 +10,7 @@ import collections
 import logging
 import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..passes.strip import strip
+from ..quant import freeze
+from .qdq import check_quantized, has_quantization, to_qdq
 
 logger = logging.getLogger("sgs_fx")
 
@@ -39,7 +42,14 @@ class ExportReport:
         exporter: "dynamo" or "torchscript" (the fallback, with its reason in ``fallback_reason``).
         op_counts: op type -> number of nodes in the main graph.
         max_abs_diff / max_rel_diff: batch size -> largest difference between onnxruntime and PyTorch.
-        atol: the tolerance on the absolute difference.
+        atol: the tolerance on the absolute difference (float models).
+        quantized: a QDQ INT8 model (then ``passed`` means top-1 agreement >= ``min_agreement``).
+        agreement: the fraction of check inputs whose onnxruntime top-1 equals PyTorch's fake-quant top-1.
+        checked: the number of check inputs behind ``agreement``.
+        max_output_diff: the largest |onnxruntime - PyTorch fake-quant| output over those inputs.
+        ort_ops: op type -> count in the graph onnxruntime runs after its optimisations (QLinearConv
+            there means int8 kernels; a quantized model only).
+        size_bytes: the file's size, with the external-data file holding its weights.
     """
 
     path: str
@@ -50,30 +60,51 @@ class ExportReport:
     max_rel_diff: dict[int, float] = field(default_factory=dict)
     atol: float = 1e-4
     fallback_reason: str | None = None
+    quantized: bool = False
+    agreement: float | None = None
+    max_output_diff: float | None = None
+    checked: int = 0
+    min_agreement: float = 0.98
+    ort_ops: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
 
     @property
     def passed(self) -> bool:
+        if self.quantized:
+            return self.agreement is not None and self.agreement >= self.min_agreement
         return bool(self.max_abs_diff) and max(self.max_abs_diff.values()) <= self.atol
 
     def __str__(self) -> str:
-        lines = [f"ONNX export: {self.path} (opset {self.opset}, {self.exporter} exporter, "
-                 f"{sum(self.op_counts.values())} nodes)"]
-        ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
-        lines.append(f"  ops: {ops}")
+        kind = "INT8 QDQ ONNX" if self.quantized else "ONNX"
+        lines = [f"{kind} export: {self.path} (opset {self.opset}, {self.exporter} exporter, "
+                 f"{sum(self.op_counts.values())} nodes, {self.size_bytes / 1024:.0f} KiB)"]
+        lines.append(f"  ops: {_ops_text(self.op_counts)}")
+        if self.quantized:
+            lines.append(f"  onnxruntime runs: {_ops_text(self.ort_ops)}")
+            lines.append(f"  top-1 agreement with the PyTorch fake-quant model: {self.agreement:.2%} of "
+                         f"{self.checked} inputs, max |output diff| {self.max_output_diff:.3g}")
         for b in self.max_abs_diff:
             lines.append(f"  batch {b}: max |ort - torch| = {self.max_abs_diff[b]:.3g}, "
                          f"max rel = {self.max_rel_diff[b]:.3g}")
-        lines.append(f"  {'PASSED' if self.passed else 'FAILED'} (atol {self.atol:g})")
+        limit = f"agreement >= {self.min_agreement:.0%}" if self.quantized else f"atol {self.atol:g}"
+        lines.append(f"  {'PASSED' if self.passed else 'FAILED'} ({limit})")
         return "\n".join(lines)
 
 
+def _ops_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, dynamic_batch: bool = True,
-                opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4
-                ) -> ExportReport:
+                opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
+                check_input: Tensor | None = None, min_agreement: float = 0.98) -> ExportReport:
     """Strip a copy of ``model``, export it to ``path`` and check it with onnxruntime.
 
     Args:
-        model: a transformed (SGS or branch mode) or plain model; it is not modified.
+        model: a transformed (SGS or branch mode) or plain model; it is not modified. A model with
+            fake-quant modules (``prepare_qat_fx`` / ``sgs_fx.prepare_qat`` after training, or
+            ``sgs_fx.quantize_ptq``) is written as QDQ ONNX: QuantizeLinear / DequantizeLinear with the
+            fake-quants' scales, int8 weights (BatchNorm folded), its observers frozen on the copy.
         path: the .onnx file to write; its directory must exist.
         example_input: one input tensor, shape (N, ...); it sets the non-batch dims.
         dynamic_batch: export the batch dim as dynamic (otherwise only N is checked).
@@ -81,12 +112,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         check_batch_sizes: batch sizes run through onnxruntime and PyTorch.
         atol: largest allowed absolute difference. 1e-4 leaves room for float32 reductions reordered
             by onnxruntime's kernels in deep models (observed ≤ 1e-5 on torchvision models).
+        check_input: inputs (N, ...) for the quantized check, ideally real data: a classifier's top-1
+            agreement is only meaningful where its logits have margins (default: 64 random inputs).
+        min_agreement: a quantized export fails below this top-1 agreement between onnxruntime and the
+            PyTorch fake-quant model. Exact agreement is not expected: onnxruntime requantises in
+            integer arithmetic and sums in another order, so a value at a rounding boundary may land
+            one step away, and logits move by a few quantisation steps.
 
     Raises:
         FileNotFoundError: the directory of ``path`` does not exist.
         ValueError: ``example_input`` does not fit the model.
         RuntimeError: the exporter failed (its complaint is quoted).
-        ExportMismatchError: onnxruntime's output differs beyond ``atol``; the file is still written.
+        UnsupportedQuantizationError: observers without fake-quant, a converted (convert_fx) model, or a
+            quantization with no QDQ form; the message says what to do.
+        ExportMismatchError: onnxruntime's output differs beyond ``atol`` (or agrees below
+            ``min_agreement``); the file is still written, for inspection.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -104,18 +144,28 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         raise ValueError(f"export_onnx: example_input of shape {tuple(x.shape)} does not fit "
                          f"{type(plain).__name__}: {exc}") from exc
 
-    exporter, reason = _export(plain, x, path, dynamic_batch, opset)
+    quantized = has_quantization(plain)
+    if quantized:
+        check_quantized(plain)
+        freeze(plain)  # the check's inputs must not move the ranges that were exported
+    exporter, reason = _export(to_qdq(plain) if quantized else plain, x, path, dynamic_batch, opset)
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
     onnx.checker.check_model(path)
     report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto), atol=atol,
-                          fallback_reason=reason)
+                          fallback_reason=reason, quantized=quantized, min_agreement=min_agreement,
+                          size_bytes=file_size(path, proto))
     sizes = tuple(check_batch_sizes) if dynamic_batch else (x.shape[0],)
-    _compare(plain, path, x, sizes, report)
+    session = _session(path, report)
+    _compare(plain, session, x, sizes, report)
+    if quantized:
+        _agreement(plain, session, x, check_input, report)
     if not report.passed:
-        raise ExportMismatchError(f"export_onnx: onnxruntime differs from PyTorch beyond atol={atol:g}; "
-                                  f"the model was written to {path}\n{report}", report)
+        limit = f"agrees on top-1 below min_agreement={min_agreement:g}" if quantized else \
+            f"differs from PyTorch beyond atol={atol:g}"
+        raise ExportMismatchError(f"export_onnx: onnxruntime {limit}; the model was written to {path} for "
+                                  f"inspection\n{report}", report)
     logger.info("%s", report)
     return report
 
@@ -155,6 +205,14 @@ def _complaint(exc: Exception, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {' '.join(lines)}"[:limit]
 
 
+def file_size(path: str, proto) -> int:
+    """Bytes of the ONNX file plus the external-data files its initializers point to."""
+    directory = os.path.dirname(os.path.abspath(path))
+    files = {entry.value for t in proto.graph.initializer if t.data_location == 1  # onnx.TensorProto.EXTERNAL
+             for entry in t.external_data if entry.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(directory, f)) for f in files)
+
+
 def op_counts(proto) -> dict[str, int]:
     """Op type -> node count of an ONNX model's main graph."""
     return dict(collections.Counter(node.op_type for node in proto.graph.node))
@@ -164,11 +222,48 @@ def _opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _compare(model: nn.Module, path: str, x: Tensor, sizes, report: ExportReport) -> None:
-    import numpy as np
+def _session(path: str, report: ExportReport):
+    """onnxruntime's CPU session, with all its graph optimisations, as a deployment would run the file."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning that the optimised file below is machine-specific
+    if not report.quantized:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        report.ort_ops = op_counts(onnx.load(options.optimized_model_filepath, load_external_data=False))
+    return session
+
+
+def _agreement(model: nn.Module, session, x: Tensor, check_input: Tensor | None, report: ExportReport,
+               batch_size: int = 256) -> None:
+    import numpy as np
+
+    if check_input is None:
+        g = torch.Generator().manual_seed(1)
+        check_input = torch.randn((64, *x.shape[1:]), generator=g, dtype=x.dtype) * x.std().clamp(min=1e-3) + x.mean()
+    check_input = check_input.detach().cpu()
+    name = session.get_inputs()[0].name
+    same = total = 0
+    for i in range(0, len(check_input), batch_size):
+        xb = check_input[i:i + batch_size]
+        with torch.no_grad():
+            expected = _first_tensor(model(xb)).numpy()
+        got = session.run(None, {name: xb.numpy()})[0]
+        same += int((got.reshape(len(xb), -1).argmax(1) == expected.reshape(len(xb), -1).argmax(1)).sum())
+        total += len(xb)
+        diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
+        report.max_output_diff = max(report.max_output_diff or 0.0, diff)
+    report.agreement, report.checked = same / max(1, total), total
+
+
+def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) -> None:
+    import numpy as np
+
     name = session.get_inputs()[0].name
     g = torch.Generator().manual_seed(0)
     for b in sizes:

@@ -1,0 +1,173 @@
+"""INT8: SGS inside PyTorch's QAT flow, post-training quantization, and the settings onnxruntime runs in int8.
+
+    qat = sgs_fx.prepare_qat(model, example_input)     # fake-quant, Conv-BN(-ReLU) fused; plain model first
+    qat = sgs_fx.transform(qat)                         # then SGS: exact S * G through the fake-quant
+    ...train...
+    sgs_fx.export_onnx(qat, "int8.onnx", x)             # QDQ ONNX, int8 weights, checked by onnxruntime
+
+    ptq = sgs_fx.quantize_ptq(float_model, loader)      # or: calibrate a trained float model
+
+Both give a torch.fx GraphModule with fake-quant modules (``prepare_qat_fx``'s form), so they share one
+export path (``export/qdq.py``). The default ranges are the ones onnxruntime's x86 int8 kernels compute
+exactly: uint8 activations over the full range, int8 per-channel symmetric weights in [-63, 63] (7 bits).
+onnxruntime's u8s8 kernels on x86 without VNNI add pairs of u8 x s8 products in int16, which saturates
+with 8-bit weights (its docs recommend reduce_range there); PyTorch's own x86 default instead narrows the
+activations to 7 bits, which needs a Clip before every QuantizeLinear and stops onnxruntime fusing
+Conv into QLinearConv. ``qconfig_mapping(weight_bits=8)`` gives full 8-bit weights for VNNI / ARM targets.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import fx, nn
+
+from .export.qdq import is_fake_quant
+from .passes.strip import strip
+
+logger = logging.getLogger("sgs_fx")
+
+
+def qconfig_mapping(*, qat: bool = True, weight_bits: int = 7):
+    """A QConfigMapping whose fake-quants export to QDQ ONNX that onnxruntime runs with int8 kernels.
+
+    Args:
+        qat: fused moving-average fake-quants (cheap per step, for training) if True; otherwise
+            histogram observers for activations (L2-optimal ranges, for post-training calibration).
+        weight_bits: 7 (default: weights in [-63, 63], no int16 saturation in onnxruntime on any x86 CPU)
+            or 8 (weights in [-127, 127], for VNNI / ARM targets).
+    """
+    from torch.ao.quantization import (FakeQuantize, FusedMovingAvgObsFakeQuantize, HistogramObserver,
+                                       MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
+                                       PerChannelMinMaxObserver, QConfig, QConfigMapping)
+
+    if weight_bits not in (7, 8):
+        raise ValueError(f"qconfig_mapping: weight_bits={weight_bits!r}; use 7 or 8")
+    wmax = 2 ** (weight_bits - 1) - 1
+    act_kw = dict(quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                  reduce_range=False)
+    w_kw = dict(quant_min=-wmax, quant_max=wmax, dtype=torch.qint8,
+                qscheme=torch.per_channel_symmetric, ch_axis=0, reduce_range=False)
+    if qat:
+        act = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw)
+        weight = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, **w_kw)
+    else:
+        act = FakeQuantize.with_args(observer=HistogramObserver, **act_kw)
+        weight = FakeQuantize.with_args(observer=PerChannelMinMaxObserver, **w_kw)
+    return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+
+
+def prepare_qat(model: nn.Module, example_inputs, *, qconfig_mapping=None, inplace: bool = False) -> fx.GraphModule:
+    """``prepare_qat_fx`` with sgs_fx's export-ready defaults, on a copy of ``model`` (in train mode).
+
+    Call it on the plain (or stripped) model, then ``sgs_fx.transform`` the result. With ``inplace=True``
+    the GraphModule reuses ``model``'s modules and Parameter objects (an optimizer keeps working).
+    """
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    from .ops import is_sgs_conv
+
+    if any(is_sgs_conv(m) for m in model.modules()):
+        raise RuntimeError("sgs_fx.prepare_qat: the model is SGS-instrumented; quantize the plain model first "
+                           "(sgs_fx.strip(model), or prepare before sgs_fx.transform), then transform the result; "
+                           "set_scales(qat, get_scales(model)) carries the scales over")
+    example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    qmap = globals()["qconfig_mapping"]() if qconfig_mapping is None else qconfig_mapping
+    return prepare_qat_fx((model if inplace else copy.deepcopy(model)).train(), qmap, example_inputs)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Stop every observer (in place): the fake-quants keep their scales, as for evaluation and export."""
+    from torch.ao.quantization import disable_observer
+
+    model.apply(disable_observer)
+    return model
+
+
+@contextlib.contextmanager
+def observers_frozen(model: nn.Module):
+    """Within the block no fake-quant observes (evaluation must not move the ranges); restored after."""
+    fakes = [m for m in model.modules() if is_fake_quant(m)]
+    states = [m.observer_enabled.clone() for m in fakes]
+    for m in fakes:
+        m.disable_observer()
+    try:
+        yield model
+    finally:
+        for m, state in zip(fakes, states):
+            m.observer_enabled.copy_(state)
+
+
+def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, weight_bits: int = 7,
+                 qconfig_mapping=None, progress: bool = True) -> fx.GraphModule:
+    """Post-training quantization of a trained float model, as a fake-quant GraphModule ready for export.
+
+    A stripped copy is prepared like QAT (Conv-BN folded with the running statistics, in eval), the
+    activation observers see ``num_batches`` batches of the float model, then each fake-quant takes the
+    range its observer computed once, and every observer is frozen. ``model`` is not modified.
+
+    Args:
+        model: a float model (SGS-instrumented, branch mode or plain).
+        batches: yields inputs, or (input, target) pairs, as training loaders do.
+        num_batches: calibration batches (32 of 128 CIFAR images are plenty for histogram ranges).
+    """
+    from tqdm.auto import tqdm
+
+    if num_batches < 1:
+        raise ValueError(f"quantize_ptq: num_batches={num_batches!r}; calibration needs at least one batch")
+    plain = strip(model)
+    device = next((p.device for p in plain.parameters()), torch.device("cpu"))
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("quantize_ptq: `batches` is empty; pass a loader of training inputs to calibrate on")
+    x0 = _input(first).to(device)
+    qmap = globals()["qconfig_mapping"](qat=False, weight_bits=weight_bits) if qconfig_mapping is None \
+        else qconfig_mapping
+    ptq = prepare_qat(plain, (x0,), qconfig_mapping=qmap).eval()
+    fakes = [m for m in ptq.modules() if is_fake_quant(m)]
+    # Calibrate the float model: fake-quant off, each observer fed directly (FakeQuantize would otherwise
+    # recompute the histogram's qparams at every call), qparams taken once at the end.
+    for fq in fakes:
+        fq.disable_fake_quant()
+        fq.disable_observer()
+    handles = [fq.register_forward_pre_hook(lambda m, args: m.activation_post_process(args[0].detach()))
+               for fq in fakes]
+    try:
+        with torch.no_grad():
+            seen = 0
+            bar = tqdm(total=num_batches, desc="PTQ calibration", leave=False, disable=None if progress else True)
+            for batch in _chain(first, iterator):
+                ptq(_input(batch).to(device))
+                seen += 1
+                bar.update()
+                if seen >= num_batches:
+                    break
+            bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+    for fq in fakes:
+        scale, zero_point = fq.activation_post_process.calculate_qparams()
+        fq.scale.resize_(scale.shape).copy_(scale)
+        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        fq.enable_fake_quant()
+    if seen < num_batches:
+        logger.warning("quantize_ptq: calibrated on %d batches (the loader ran out before num_batches=%d)",
+                       seen, num_batches)
+    return ptq
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _input(batch):
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize_ptq: a batch must be a tensor or an (input, target) pair, got {type(x).__name__}")
+    return x
