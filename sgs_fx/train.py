@@ -101,7 +101,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
     if cfg.qat_epoch is not None and not 0 <= cfg.qat_epoch < cfg.epochs:
-        raise ValueError(f"--qat-epoch {cfg.qat_epoch}: QAT must start at an epoch in [0, {cfg.epochs - 1}] "
+        raise ValueError(f"--qat {cfg.qat_epoch}: QAT must start at an epoch in [0, {cfg.epochs - 1}] "
                          f"(0-based; --epochs is {cfg.epochs})")
     if cfg.weight_bits not in (7, 8):
         raise ValueError(f"--weight-bits {cfg.weight_bits}: use 7 or 8")

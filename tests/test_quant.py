@@ -45,3 +45,167 @@ def test_transform_then_prepare_qat_is_a_clear_error():
         prepare_qat_fx(sgs, get_default_qat_qconfig_mapping("x86"), (x,))
     with pytest.raises(RuntimeError, match="tracing through the SGS-instrumented SGSConv2d"):
         torch.fx.symbolic_trace(sgs)
+
+
+# --- INT8 export (QDQ ONNX), PTQ and the errors of issue 11 -------------------------------------------------
+
+import onnx  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sgs_fx.data import synthetic_cifar, to_float  # noqa: E402
+from sgs_fx.export.qdq import QDQConv, UnsupportedQuantizationError, to_qdq  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = synthetic_cifar(n_train=512, n_test=256)
+    return to_float(d.train_images), d.train_labels, to_float(d.test_images), d.test_labels
+
+
+def _train(model, x, y, steps=40, lr=0.05):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for i in range(steps):
+        idx = slice((i * 64) % len(x), (i * 64) % len(x) + 64)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_qat(data):
+    """A narrow VGG-11-BN, QAT with SGS, trained on the synthetic set until its logits have margins."""
+    x, y, _, _ = data
+    torch.manual_seed(0)
+    qat = sgs_fx.transform(sgs_fx.prepare_qat(build_model("vgg11_bn", width=0.125), x[:2]))
+    sgs_fx.MIScheduler(qat, [x[:64]], batches=1).calibrate()
+    return _train(qat, x, y)
+
+
+def test_qdq_weights_are_the_fake_quantized_weights_bit_for_bit(trained_qat, data):
+    # What PyTorch's QAT modules feed their convs (BatchNorm folded, then fake-quantized), captured in a
+    # real eval forward, must be exactly the int8 weight the export dequantizes.
+    x = data[2][:8]
+    model = sgs_fx.freeze(sgs_fx.strip(trained_qat).eval())
+    seen = {}
+    hooks = [m.weight_fake_quant.register_forward_hook(lambda mod, i, out, n=n: seen.__setitem__(n, out.detach()))
+             for n, m in model.named_modules() if hasattr(m, "weight_fake_quant")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    qdq = to_qdq(model)
+    convs = {n: m for n, m in qdq.named_modules() if isinstance(m, QDQConv)}
+    assert len(convs) == 8 and all(m.weight_int8.dtype == torch.int8 for m in convs.values())
+    for name, m in convs.items():
+        assert torch.equal(m.weight(), seen[name]), name
+        assert int(m.weight_int8.abs().max()) <= 63  # the default 7-bit weights
+    # and the QDQ graph computes what the fake-quant model does: same top-1, logits within two steps of
+    # the output quantizer (a value exactly at a rounding tie may round the other way: x * (1/s) vs x / s)
+    step = float(model.get_submodule(list(model.graph.nodes)[-2].target).scale)
+    with torch.no_grad():
+        a, b = model(data[2]), qdq(data[2])
+    assert torch.equal(a.argmax(1), b.argmax(1)) and (a - b).abs().max() <= 2 * step + 1e-6
+
+
+def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path):
+    x_test = data[2]
+    before = {k: v.clone() for k, v in trained_qat.state_dict().items()}
+    report = sgs_fx.export_onnx(trained_qat, tmp_path / "int8.onnx", x_test[:1], check_input=x_test)
+    assert all(torch.equal(v, trained_qat.state_dict()[k]) for k, v in before.items())  # checks moved no range
+    assert report.quantized and report.passed and report.checked == len(x_test) and report.agreement >= 0.98
+    assert report.op_counts["QuantizeLinear"] >= 9 and report.op_counts["DequantizeLinear"] >= 9
+    assert report.ort_ops.get("QLinearConv") == 8  # onnxruntime runs every conv with int8 kernels
+    proto = onnx.load(report.path)
+    int8 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sorted(tuple(t.dims) for t in int8 if len(t.dims) == 4) == sorted(
+        tuple(m.weight.shape) for m in sgs_fx.instrumented(trained_qat).values())
+    assert "INT8 QDQ ONNX" in str(report) and "top-1 agreement" in str(report)
+    # the file holds the model's own ranges: the export's forwards (example, checks) observed nothing
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    values.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR})
+    first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    assert float(values[first.input[1]]) == trained_qat.activation_post_process_0.scale.item()
+    plain = sgs_fx.export_onnx(sgs_fx.strip(build_model("vgg11_bn", width=0.125)), tmp_path / "f.onnx", x_test[:1])
+    assert report.size_bytes < 0.4 * plain.size_bytes  # int8 weights: about a quarter of float32
+
+
+def test_agreement_below_threshold_raises_and_keeps_the_file(trained_qat, data, tmp_path):
+    path = tmp_path / "int8.onnx"
+    with pytest.raises(sgs_fx.ExportMismatchError, match="agrees on top-1 below min_agreement") as info:
+        sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:64], min_agreement=1.01)
+    assert path.exists() and info.value.report.quantized and not info.value.report.passed
+
+
+def test_reduce_range_activations_are_clamped_like_pytorch(tmp_path):
+    # PyTorch's x86 default narrows activations to [0, 127]; QuantizeLinear saturates at 255 only, so the
+    # export clamps first. Make a range far too small for the data: without the clamp onnxruntime differs.
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).train()
+    qat = prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (x,))
+    qat(x)
+    qat.eval().apply(torch.ao.quantization.disable_observer)
+    fq = qat.activation_post_process_1
+    assert (fq.quant_min, fq.quant_max) == (0, 127)
+    # the fused fake-quant derives its scale from the running range at every call (and stores it)
+    fq.activation_post_process.max_val.fill_(0.05)
+    with torch.no_grad():
+        qat(x)
+        assert fq.scale.item() == pytest.approx(0.05 / 127) and (getattr(qat, "0")(x) > 0.1).any()
+    report = sgs_fx.export_onnx(qat, tmp_path / "rr.onnx", x[:1], check_input=x)
+    assert report.op_counts["Clip"] == 3
+    # one output step of slack: onnxruntime requantises in integers, a value at a tie may round the other way
+    assert report.max_output_diff <= qat.activation_post_process_2.scale.item() + 1e-6
+
+
+def test_ptq_calibrates_with_histogram_observers_on_the_float_model(data):
+    x = data[0]
+    torch.manual_seed(0)
+    model = sgs_fx.transform(build_model("vgg11_bn", width=0.125)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(x[i:i + 32], None) for i in range(0, 160, 32)]
+    ptq = sgs_fx.quantize_ptq(model, batches, num_batches=2, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and sgs_fx.instrumented(model)
+    fakes = [m for m in ptq.modules() if isinstance(m, torch.ao.quantization.FakeQuantizeBase)]
+    assert fakes and all(int(m.fake_quant_enabled) == 1 and int(m.observer_enabled) == 0 for m in fakes)
+    # the input's fake-quant saw exactly the first two batches: the same ranges as an observer fed them
+    reference = torch.ao.quantization.HistogramObserver(dtype=torch.quint8, quant_min=0, quant_max=255,
+                                                       reduce_range=False)
+    reference(x[:32])
+    reference(x[32:64])
+    scale, zero_point = reference.calculate_qparams()
+    assert torch.equal(ptq.activation_post_process_0.scale, scale)
+    assert torch.equal(ptq.activation_post_process_0.zero_point, zero_point)
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        sgs_fx.quantize_ptq(model, [], progress=False)
+
+
+def test_quantization_bad_input_is_named(tmp_path):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    model = build_model("vgg11_bn", width=0.125).eval()
+    observed = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+    observed(x)
+    with pytest.raises(UnsupportedQuantizationError, match="observers .* but no fake-quant.*quantize_ptq"):
+        sgs_fx.export_onnx(observed, tmp_path / "a.onnx", x)
+    with pytest.raises(UnsupportedQuantizationError, match="converted .* export the fake-quant model"):
+        sgs_fx.export_onnx(convert_fx(observed), tmp_path / "b.onnx", x)
+    qat = sgs_fx.prepare_qat(model, x)
+    qat.activation_post_process_1.dtype = torch.qint32
+    with pytest.raises(UnsupportedQuantizationError, match="'activation_post_process_1' quantizes to torch.qint32"):
+        sgs_fx.export_onnx(qat, tmp_path / "c.onnx", x)
+    eager = torch.ao.quantization.prepare_qat(
+        nn.Sequential(nn.Conv2d(3, 4, 3)).train().requires_grad_().apply(
+            lambda m: setattr(m, "qconfig", torch.ao.quantization.get_default_qat_qconfig("x86"))))
+    with pytest.raises(UnsupportedQuantizationError, match="not a torch.fx GraphModule"):
+        sgs_fx.export_onnx(eager, tmp_path / "d.onnx", x)
+    with pytest.raises(RuntimeError, match="quantize the plain model first"):
+        sgs_fx.prepare_qat(sgs_fx.transform(model), x)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -134,20 +134,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         raise FileNotFoundError(f"export_onnx: directory {directory!r} of {path!r} does not exist; create it first")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
-    plain = strip(model).eval()
+    plain = strip(model).eval().cpu()
     x = example_input.detach().cpu()
-    plain = plain.cpu()
+    quantized = has_quantization(plain)
+    if quantized:
+        check_quantized(plain)
+        freeze(plain)  # no forward below (fit check, comparisons) may move the ranges being exported
     try:
         with torch.no_grad():
             plain(x)
     except Exception as exc:
         raise ValueError(f"export_onnx: example_input of shape {tuple(x.shape)} does not fit "
                          f"{type(plain).__name__}: {exc}") from exc
-
-    quantized = has_quantization(plain)
-    if quantized:
-        check_quantized(plain)
-        freeze(plain)  # the check's inputs must not move the ranges that were exported
     exporter, reason = _export(to_qdq(plain) if quantized else plain, x, path, dynamic_batch, opset)
     import onnx
 

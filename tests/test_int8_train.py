@@ -1,0 +1,86 @@
+"""`sgs-fx train --qat EPOCH` and `sgs-fx export --int8`: QAT inside the training loop, exact resume, PTQ export."""
+import json
+
+import pytest
+import torch
+
+import sgs_fx
+from sgs_fx.cli import main
+from sgs_fx.data import synthetic_cifar
+from sgs_fx.train import TrainConfig, build, evaluate, load_trained, to_qat, train
+
+SMALL = dict(model="vgg11_bn", width=0.0625, epochs=3, batch_size=64, data="synthetic", every=1, warmup=1,
+             progress=False, plots=False)
+
+
+@pytest.mark.parametrize("stop_at", [pytest.param(1, marks=pytest.mark.slow), 2])  # resumed at the QAT epoch, after it
+def test_qat_epoch_trains_fake_quant_and_resumes_exactly(tmp_path, stop_at):
+    straight = TrainConfig(out=str(tmp_path / "straight"), qat_epoch=1, export=stop_at == 2, **SMALL)
+    summary = train(straight)
+    resumed = TrainConfig(out=str(tmp_path / "resumed"), qat_epoch=1, export=False, **SMALL)
+    train(resumed, stop_at=stop_at)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == stop_at - 1
+    train(resumed, resume=True)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys() and any("fake_quant" in k for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["history"]["metrics"][-1] == {**b["history"]["metrics"][-1],
+                                           "epoch_time_s": a["history"]["metrics"][-1]["epoch_time_s"]}
+    if stop_at == 2:
+        onnx = summary["onnx"]
+        assert onnx["quantized"] and onnx["passed"] and onnx["path"].endswith("model_int8.onnx")
+        assert onnx["int8_kernels"]["QLinearConv"] == 8
+        model, cfg = load_trained(tmp_path / "straight" / "checkpoint.pt")
+        assert cfg.qat_epoch == 1 and len(sgs_fx.instrumented(model)) == 8
+        assert all(type(m).__name__ == "SGSConvBnReLU2d" for m in sgs_fx.instrumented(model).values())
+
+
+def test_switch_to_qat_keeps_parameters_momentum_and_scales():
+    cfg = TrainConfig(**{**SMALL, "scales": "acb"})
+    model = build(cfg, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched.step()
+    momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    scales = sgs_fx.get_scales(model)
+    qat, new_opt, new_sched = to_qat(model, opt, sched, cfg, torch.device("cpu"))
+    assert {id(p) for p in qat.parameters()} == set(momentum)  # the same Parameter objects
+    assert all(torch.equal(new_opt.state[p]["momentum_buffer"], momentum[id(p)]) for p in qat.parameters())
+    assert new_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] and new_sched.last_epoch == 1
+    new_scales = sgs_fx.get_scales(qat)
+    assert new_scales.keys() == scales.keys() and all(torch.equal(new_scales[k], scales[k]) for k in scales)
+
+
+def test_evaluate_moves_no_range():
+    cfg = TrainConfig(**SMALL)
+    model = build(cfg, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    qat, _, _ = to_qat(model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3), cfg, torch.device("cpu"))
+    qat(torch.rand(8, 3, 32, 32))  # ranges from one training forward
+    before = {k: v.clone() for k, v in qat.state_dict().items()}
+    evaluate(qat, synthetic_cifar(n_train=8, n_test=64), torch.device("cpu"))
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in before.items())
+    assert all(int(m.observer_enabled) == 1 for m in qat.modules() if hasattr(m, "observer_enabled"))
+
+
+def test_cli_qat_and_int8_export(tmp_path, capsys):
+    float_run, qat_run = tmp_path / "float", tmp_path / "qat"
+    common = ["--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "2", "--batch-size", "64",
+              "--no-progress", "--no-plots", "--no-export"]
+    assert main(["train", *common, "--out", str(float_run)]) == 0
+    assert main(["train", *common, "--qat", "-1", "--out", str(qat_run)]) == 0
+    assert json.loads((qat_run / "config.json").read_text())["qat_epoch"] == 1
+    capsys.readouterr()
+    # a float checkpoint: post-training quantization on (synthetic) training batches
+    assert main(["export", "--checkpoint", str(float_run / "checkpoint.pt"), "--int8", "--calib-data", "synthetic",
+                 "--calib-batches", "2", "-o", str(tmp_path / "ptq.onnx")]) == 0
+    assert "INT8 QDQ ONNX export" in capsys.readouterr().out and (tmp_path / "ptq.onnx").exists()
+    # a QAT checkpoint is exported as trained
+    assert main(["export", "--checkpoint", str(qat_run / "checkpoint.pt"), "--calib-data", "synthetic",
+                 "-o", str(tmp_path / "qat.onnx")]) == 0
+    assert "INT8 QDQ ONNX export" in capsys.readouterr().out
+    assert main(["train", *common, "--qat", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--qat 5: QAT must start at an epoch in [0, 1]" in capsys.readouterr().err
