@@ -36,6 +36,7 @@ from report import emit, meta  # noqa: E402
 
 import sgs_fx  # noqa: E402
 from sgs_fx.data import load_cifar10, synthetic_cifar, to_float  # noqa: E402
+from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.export.qdq import folded_weight_and_bias, quantize_weight  # noqa: E402
 from sgs_fx.train import TrainConfig, export_summary, load_trained, train  # noqa: E402
 
@@ -72,17 +73,8 @@ def weight_stats(qat_like: torch.nn.Module) -> dict:
 
 
 def ort_accuracy(path: str, data) -> float:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    correct = 0
-    for i in range(0, len(data.test_labels), 500):
-        logits = session.run(None, {name: to_float(data.test_images[i:i + 500]).numpy()})[0]
-        correct += int((torch.from_numpy(logits).argmax(1) == data.test_labels[i:i + 500]).sum())
-    return correct / len(data.test_labels)
+    return onnx_accuracy(path, ((to_float(data.test_images[i:i + 500]), data.test_labels[i:i + 500])
+                                for i in range(0, len(data.test_labels), 500)))
 
 
 def one_run(model_name: str, arm: str, seed: int, args, data) -> dict:
@@ -123,6 +115,23 @@ def _torch_accuracy(model, data) -> float:
         correct = sum(int((model(to_float(data.test_images[i:i + 500])).argmax(1)
                            == data.test_labels[i:i + 500]).sum()) for i in range(0, len(data.test_labels), 500))
     return correct / len(data.test_labels)
+
+
+def saturation(model_name: str, args, data) -> dict:
+    """7- vs 8-bit weights, PTQ of the seed-0 baseline: onnxruntime's int8 kernels against the fake-quant model."""
+    model, _ = load_trained(Path(args.out) / model_name / "baseline_s0" / "float" / "checkpoint.pt")
+    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:32 * 128]
+    calib = [to_float(data.train_images[order[i:i + 128]]) for i in range(0, len(order), 128)]
+    check = to_float(data.test_images[:2000])
+    out = {"cpu_flags": sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+                                if f in Path("/proc/cpuinfo").read_text().split()})}
+    for bits in (7, 8):
+        ptq = sgs_fx.quantize_ptq(model, calib, weight_bits=bits, progress=False)
+        report = sgs_fx.export_onnx(ptq, str(Path(args.out) / model_name / f"saturation_w{bits}.onnx"), check[:1],
+                                    check_input=check, min_agreement=0.0)
+        out[f"w{bits}"] = {"agreement": report.agreement, "max_output_diff": report.max_output_diff,
+                           "fake_quant_acc": _torch_accuracy(ptq, data), "ort_acc": ort_accuracy(report.path, data)}
+    return out
 
 
 def table(runs: list[dict]) -> dict:
@@ -170,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="cifar10", choices=["cifar10", "synthetic"])
     p.add_argument("--out", default="runs/int8")
     p.add_argument("--json", default="benchmarks/results/int8_study.json")
+    p.add_argument("--no-saturation", dest="saturation", action="store_false",
+                   help="skip the 7- vs 8-bit weight comparison at the end")
     args = p.parse_args(argv)
     if not 1 <= args.qat_epochs < args.epochs:
         p.error("--qat-epochs must be in [1, --epochs - 1]")
@@ -195,7 +206,11 @@ def main(argv=None) -> int:
                                                        "results": {"runs": runs, "table": table(runs)}}, indent=2))
     t = table(runs)
     print_table(t)
-    emit(args, {"runs": runs, "table": t}, args.json)
+    results = {"runs": runs, "table": t}
+    if args.saturation and 0 in args.seeds and "baseline" in args.arms:
+        results["saturation"] = {m: saturation(m, args, data) for m in args.models}
+        print(json.dumps(results["saturation"]))
+    emit(args, results, args.json)
     return 0
 
 

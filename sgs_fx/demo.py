@@ -1,4 +1,5 @@
-"""`make demo` / `sgs-fx demo`: a narrow VGG-11-BN on real CIFAR-10, with and without SGS, exported and checked."""
+"""`make demo` / `sgs-fx demo`: a narrow VGG-11-BN on real CIFAR-10, with and without SGS, exported and checked,
+in float and in INT8 (post-training quantization, QDQ ONNX), both scored by onnxruntime."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,10 @@ import logging
 import time
 from pathlib import Path
 
-from .train import TrainConfig, train
+from .data import load_cifar10, to_float
+from .export.onnx import file_size, onnx_accuracy
+
+from .train import TrainConfig, export_summary, load_trained, train
 
 logger = logging.getLogger("sgs_fx")
 
@@ -27,9 +31,14 @@ def run_demo(out: str = "runs/demo", epochs: int = 5, subset: int = 25000, width
     for name, scales in (("baseline", "none"), ("sgs", "mi")):
         print(f"== {name}: vgg11_bn width {width}, {epochs} epochs on {subset} CIFAR-10 training images")
         runs[name] = train(TrainConfig(scales=scales, out=str(Path(out) / name), **base))
+    data = load_cifar10(data_dir)
+    for name, run in runs.items():
+        run["int8"] = int8_ptq(Path(out) / name, data)
     wall = time.perf_counter() - t0
     print()
     print(_table(runs))
+    print()
+    print(_deploy_table(runs))
     sgs_scales = runs["sgs"]["scales"]
     for name in list(sgs_scales)[:2]:
         rows = "\n".join("    " + "  ".join(f"{v:5.2f}" for v in row) for row in sgs_scales[name])
@@ -37,7 +46,43 @@ def run_demo(out: str = "runs/demo", epochs: int = 5, subset: int = 25000, width
     print(f"\nwall time {wall:.0f}s; runs, metrics, plots and ONNX files under {out}/")
     print("\n" + NOTE)
     (Path(out) / "demo_summary.json").write_text(json.dumps(runs, indent=2))
-    return 0 if all(r.get("onnx", {}).get("passed") for r in runs.values()) else 1
+    return 0 if all(r.get("onnx", {}).get("passed") and r["int8"]["passed"] for r in runs.values()) else 1
+
+
+def int8_ptq(run_dir: Path, data, calib_batches: int = 32) -> dict:
+    """Post-training INT8 of a finished run: QDQ ONNX next to its float ONNX, both scored by onnxruntime."""
+    import torch
+
+    import sgs_fx
+
+    model, _ = load_trained(run_dir / "checkpoint.pt")
+    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))
+    calib = (to_float(data.train_images[order[i:i + 128]]) for i in range(0, calib_batches * 128, 128))
+    ptq = sgs_fx.quantize_ptq(model, calib, num_batches=calib_batches, progress=False)
+    check = to_float(data.test_images[:1000])
+    report = sgs_fx.export_onnx(ptq, run_dir / "model_int8.onnx", check[:1], check_input=check)
+
+    def test_batches():
+        return ((to_float(data.test_images[i:i + 500]), data.test_labels[i:i + 500])
+                for i in range(0, len(data.test_labels), 500))
+
+    row = export_summary(report)
+    row["test_acc"] = onnx_accuracy(report.path, test_batches())
+    row["float_onnx_test_acc"] = onnx_accuracy(run_dir / "model.onnx", test_batches())
+    row["float_onnx_size_bytes"] = file_size(run_dir / "model.onnx")
+    return row
+
+
+def _deploy_table(runs: dict) -> str:
+    lines = ["onnxruntime on the test set (INT8: post-training quantization on 32 training batches, QDQ ONNX)",
+             f"{'':<10} {'float acc':>10} {'float size':>11} {'INT8 acc':>9} {'INT8 size':>10} {'agreement':>10} "
+             f"{'int8 kernels':>13}"]
+    for name, r in runs.items():
+        q = r["int8"]
+        kernels = sum(q["int8_kernels"].values())
+        lines.append(f"{name:<10} {q['float_onnx_test_acc']:>10.4f} {q['float_onnx_size_bytes'] / 1024:>8.0f} KiB "
+                     f"{q['test_acc']:>9.4f} {q['size_bytes'] / 1024:>6.0f} KiB {q['agreement']:>10.2%} {kernels:>13}")
+    return "\n".join(lines)
 
 
 def _table(runs: dict) -> str:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,15 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
          "--warmup", "1", "--json", str(tmp_path / "o.json"))
     res = json.loads((tmp_path / "o.json").read_text())["results"]["vgg11_bn"]
     assert {"plain", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_int8_study_smoke(tmp_path):
+    _run("benchmarks/int8_study.py", "--data", "synthetic", "--epochs", "2", "--seeds", "0", "--models", "vgg11_bn",
+         "--arms", "baseline", "sgs_mi", "--subset", "256", "--width-scale", "0.25", "--out", str(tmp_path / "runs"),
+         "--json", str(tmp_path / "int8.json"), timeout=600)
+    results = json.loads((tmp_path / "int8.json").read_text())["results"]
+    assert set(results["table"]) == {"vgg11_bn/baseline", "vgg11_bn/sgs_mi"}
+    run = results["runs"][0]
+    assert {"float_acc", "ptq_acc", "qat_acc", "weights"} <= set(run) and run["qat_export"]["quantized"]
+    assert set(results["saturation"]["vgg11_bn"]) >= {"w7", "w8"}

@@ -84,3 +84,15 @@ def test_cli_qat_and_int8_export(tmp_path, capsys):
     assert "INT8 QDQ ONNX export" in capsys.readouterr().out
     assert main(["train", *common, "--qat", "5", "--out", str(tmp_path / "bad")]) == 2
     assert "--qat 5: QAT must start at an epoch in [0, 1]" in capsys.readouterr().err
+
+
+def test_demo_int8_step(tmp_path):
+    from sgs_fx import demo
+
+    run = tmp_path / "sgs"
+    summary = train(TrainConfig(out=str(run), **SMALL))  # three epochs: logits with margins to agree on
+    summary["int8"] = row = demo.int8_ptq(run, synthetic_cifar(), calib_batches=2)
+    assert row["quantized"] and row["passed"] and (run / "model_int8.onnx").exists()
+    assert 0 <= row["test_acc"] <= 1 and row["float_onnx_size_bytes"] > 0
+    table = demo._deploy_table({"sgs": summary})
+    assert "INT8 acc" in table and f"{row['test_acc']:.4f}" in table

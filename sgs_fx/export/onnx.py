@@ -193,6 +193,24 @@ def _export(model: nn.Module, x: Tensor, path: str, dynamic_batch: bool, opset: 
                            f"TorchScript exporter: {_complaint(exc)}") from exc
 
 
+def onnx_accuracy(path: str | os.PathLike, batches) -> float:
+    """Top-1 accuracy of an ONNX classifier in onnxruntime (CPU, all optimisations) over (input, label) batches."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in batches:
+        logits = session.run(None, {name: x.detach().cpu().numpy()})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == y.cpu()).sum())
+        total += len(y)
+    if total == 0:
+        raise ValueError("onnx_accuracy: no batches")
+    return correct / total
+
+
 def _complaint(exc: Exception, limit: int = 400) -> str:
     """An exporter's error in one readable line: no colour codes, no graph dumps."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -203,8 +221,12 @@ def _complaint(exc: Exception, limit: int = 400) -> str:
     return f"{type(exc).__name__}: {' '.join(lines)}"[:limit]
 
 
-def file_size(path: str, proto) -> int:
+def file_size(path: str | os.PathLike, proto=None) -> int:
     """Bytes of the ONNX file plus the external-data files its initializers point to."""
+    if proto is None:
+        import onnx
+
+        proto = onnx.load(os.fspath(path), load_external_data=False)
     directory = os.path.dirname(os.path.abspath(path))
     files = {entry.value for t in proto.graph.initializer if t.data_location == 1  # onnx.TensorProto.EXTERNAL
              for entry in t.external_data if entry.key == "location"}
