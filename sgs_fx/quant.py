@@ -60,6 +60,9 @@ def qconfig_mapping(*, qat: bool = True, weight_bits: int = 7):
     return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
 
 
+_default_mapping = qconfig_mapping  # the functions below take a `qconfig_mapping` argument, as torch's do
+
+
 def prepare_qat(model: nn.Module, example_inputs, *, qconfig_mapping=None, inplace: bool = False) -> fx.GraphModule:
     """``prepare_qat_fx`` with sgs_fx's export-ready defaults, on a copy of ``model`` (in train mode).
 
@@ -75,7 +78,7 @@ def prepare_qat(model: nn.Module, example_inputs, *, qconfig_mapping=None, inpla
                            "(sgs_fx.strip(model), or prepare before sgs_fx.transform), then transform the result; "
                            "set_scales(qat, get_scales(model)) carries the scales over")
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    qmap = globals()["qconfig_mapping"]() if qconfig_mapping is None else qconfig_mapping
+    qmap = _default_mapping() if qconfig_mapping is None else qconfig_mapping
     return prepare_qat_fx((model if inplace else copy.deepcopy(model)).train(), qmap, example_inputs)
 
 
@@ -125,8 +128,7 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
     if first is None:
         raise ValueError("quantize_ptq: `batches` is empty; pass a loader of training inputs to calibrate on")
     x0 = _input(first).to(device)
-    qmap = globals()["qconfig_mapping"](qat=False, weight_bits=weight_bits) if qconfig_mapping is None \
-        else qconfig_mapping
+    qmap = _default_mapping(qat=False, weight_bits=weight_bits) if qconfig_mapping is None else qconfig_mapping
     ptq = prepare_qat(plain, (x0,), qconfig_mapping=qmap).eval()
     fakes = [m for m in ptq.modules() if is_fake_quant(m)]
     # Calibrate the float model: fake-quant off, each observer fed directly (FakeQuantize would otherwise

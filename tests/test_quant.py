@@ -135,6 +135,8 @@ def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path
 
 def test_agreement_below_threshold_raises_and_keeps_the_file(trained_qat, data, tmp_path):
     path = tmp_path / "int8.onnx"
+    with pytest.raises(ValueError, match=r"check_input must be a tensor shaped \(N, 3, 32, 32\)"):
+        sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:4, :, :16])
     with pytest.raises(sgs_fx.ExportMismatchError, match="agrees on top-1 below min_agreement") as info:
         sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:64], min_agreement=1.01)
     assert path.exists() and info.value.report.quantized and not info.value.report.passed

@@ -134,6 +134,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         raise FileNotFoundError(f"export_onnx: directory {directory!r} of {path!r} does not exist; create it first")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
+    if check_input is not None and (not isinstance(check_input, Tensor)
+                                    or check_input.shape[1:] != example_input.shape[1:]):
+        got = tuple(check_input.shape) if isinstance(check_input, Tensor) else type(check_input).__name__
+        want = ", ".join(map(str, example_input.shape[1:]))
+        raise ValueError(f"export_onnx: check_input must be a tensor shaped (N, {want}) like example_input, got {got}")
     plain = strip(model).eval().cpu()
     x = example_input.detach().cpu()
     quantized = has_quantization(plain)
@@ -158,7 +163,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     session = _session(path, report)
     _compare(plain, session, x, sizes, report)
     if quantized:
-        _agreement(plain, session, x, check_input, report)
+        _agreement(plain, session, x, check_input, report, fixed_batch=None if dynamic_batch else x.shape[0])
     if not report.passed:
         limit = f"agrees on top-1 below min_agreement={min_agreement:g}" if quantized else \
             f"differs from PyTorch beyond atol={atol:g}"
@@ -260,7 +265,7 @@ def _session(path: str, report: ExportReport):
 
 
 def _agreement(model: nn.Module, session, x: Tensor, check_input: Tensor | None, report: ExportReport,
-               batch_size: int = 256) -> None:
+               fixed_batch: int | None) -> None:
     import numpy as np
 
     if check_input is None:
@@ -269,7 +274,13 @@ def _agreement(model: nn.Module, session, x: Tensor, check_input: Tensor | None,
     check_input = check_input.detach().cpu()
     name = session.get_inputs()[0].name
     same = total = 0
-    for i in range(0, len(check_input), batch_size):
+    batch_size, end = 256, len(check_input)
+    if fixed_batch is not None:  # the file takes only that batch size: whole batches of it
+        batch_size, end = fixed_batch, len(check_input) - len(check_input) % fixed_batch
+        if end == 0:
+            raise ValueError(f"export_onnx: check_input has {len(check_input)} inputs, fewer than the fixed batch "
+                             f"size {fixed_batch} of a dynamic_batch=False export")
+    for i in range(0, end, batch_size):
         xb = check_input[i:i + batch_size]
         with torch.no_grad():
             expected = _first_tensor(model(xb)).numpy()
