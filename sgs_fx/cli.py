@@ -69,6 +69,10 @@ def cmd_train(args) -> int:
     final = summary["final"]
     print(json.dumps({"out": cfg.out, "test_acc": final["test_acc"] if final else None,
                       "best_test_acc": summary["best_test_acc"], "onnx": summary.get("onnx")}))
+    if summary.get("onnx") and not summary["onnx"]["passed"]:
+        print(f"sgs-fx train: trained, but the exported {summary['onnx']['path']} failed its onnxruntime check "
+              f"(kept for inspection; the checkpoint is in {cfg.out})", file=sys.stderr)
+        return 4
     return 0
 
 
@@ -140,11 +144,11 @@ def cmd_export(args) -> int:
     check = None
     if args.int8 or has_quantization(model):
         data = _int8_data(args)
-        check = data.test_images[:1000] if data is not None else None
+        check = data.test_images[:1000]
         if not has_quantization(model):  # a float model: post-training quantization on training batches
             import sgs_fx
 
-            model = sgs_fx.quantize_ptq(model, _calibration_batches(data, args), num_batches=args.calib_batches,
+            model = sgs_fx.quantize_ptq(model, _calibration_batches(data), num_batches=args.calib_batches,
                                         weight_bits=args.weight_bits)
     report = export_onnx(model, args.output, torch.randn(shape), opset=args.opset, check_input=check)
     print(report)
@@ -160,9 +164,11 @@ def _int8_data(args):
     return data
 
 
-def _calibration_batches(data, args, batch_size: int = 128):
+def _calibration_batches(data, batch_size: int = 128):
+    import torch
+
     n = len(data.train_images)
-    order = __import__("torch").randperm(n, generator=__import__("torch").Generator().manual_seed(0))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # a fixed shuffle: reproducible ranges
     return (data.train_images[order[i:i + batch_size]] for i in range(0, n, batch_size))
 
 

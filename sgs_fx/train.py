@@ -264,7 +264,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
                "scales": {n: s.tolist() for n, s in sgs_fx.get_scales(core).items()} if cfg.scales != "none" else {}}
     if d.main:
         if cfg.export and len(history["metrics"]) == cfg.epochs:
-            summary["onnx"] = export_summary(_export(core, data, out, device))
+            try:
+                summary["onnx"] = export_summary(_export(core, data, out, device))
+            except sgs_fx.ExportMismatchError as exc:  # the run and its file stay; the summary says it failed
+                logger.warning("%s", exc)
+                summary["onnx"] = export_summary(exc.report)
         if cfg.plots:
             from .plots import plot_run
 
@@ -274,7 +278,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
 
 
 def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The model of a checkpoint written by ``train`` (SGS, branches, or fake-quant after --qat-epoch)."""
+    """The model of a checkpoint written by ``train`` (SGS, branches, or fake-quant after --qat)."""
     state = torch.load(path, map_location=device, weights_only=False)
     if not (isinstance(state, dict) and {"model", "config", "epoch"} <= set(state)):
         raise ValueError(f"{path} is not a checkpoint written by `sgs-fx train` (no model / config / epoch)")

@@ -96,3 +96,13 @@ def test_demo_int8_step(tmp_path):
     assert 0 <= row["test_acc"] <= 1 and row["float_onnx_size_bytes"] > 0
     table = demo._deploy_table({"sgs": summary})
     assert "INT8 acc" in table and f"{row['test_acc']:.4f}" in table
+
+
+def test_a_failed_export_check_keeps_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sgs_fx.ExportReport, "passed", property(lambda self: False))
+    out = tmp_path / "run"
+    rc = main(["train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "1",
+               "--batch-size", "64", "--no-progress", "--no-plots", "--out", str(out)])
+    assert rc == 4 and "failed its onnxruntime check (kept for inspection" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["onnx"]["passed"] is False and (out / "model.onnx").exists() and (out / "checkpoint.pt").exists()

@@ -64,7 +64,7 @@ class ExportReport:
     agreement: float | None = None
     max_output_diff: float | None = None
     checked: int = 0
-    min_agreement: float = 0.98
+    min_agreement: float = 0.97
     ort_ops: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
 
@@ -97,7 +97,7 @@ def _ops_text(counts: dict[str, int]) -> str:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, dynamic_batch: bool = True,
                 opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
-                check_input: Tensor | None = None, min_agreement: float = 0.98) -> ExportReport:
+                check_input: Tensor | None = None, min_agreement: float = 0.97) -> ExportReport:
     """Strip a copy of ``model``, export it to ``path`` and check it with onnxruntime.
 
     Args:
@@ -117,7 +117,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
         min_agreement: a quantized export fails below this top-1 agreement between onnxruntime and the
             PyTorch fake-quant model. Exact agreement is not expected: onnxruntime requantises in
             integer arithmetic and sums in another order, so a value at a rounding boundary may land
-            one step away, and logits move by a few quantisation steps.
+            one step away, and logits move by a few quantisation steps. Measured on under-trained CIFAR
+            models (1,000 test images, many near-ties): 97.9-99.7 %; int16 saturation in onnxruntime's
+            kernels (8-bit weights on a CPU without VNNI) gave 91.6 %.
 
     Raises:
         FileNotFoundError: the directory of ``path`` does not exist.
