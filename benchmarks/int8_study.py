@@ -207,8 +207,10 @@ def main(argv=None) -> int:
     t = table(runs)
     print_table(t)
     results = {"runs": runs, "table": t}
+    previous = json.loads(Path(args.json).read_text())["results"] if Path(args.json).exists() else {}
+    results["saturation"] = previous.get("saturation", {})  # one invocation per model keeps the others'
     if args.saturation and 0 in args.seeds and "baseline" in args.arms:
-        results["saturation"] = {m: saturation(m, args, data) for m in args.models}
+        results["saturation"].update({m: saturation(m, args, data) for m in args.models})
         print(json.dumps(results["saturation"]))
     emit(args, results, args.json)
     return 0
