@@ -186,9 +186,10 @@ def main(argv=None) -> int:
         p.error("--qat-epochs must be in [1, --epochs - 1]")
     warnings.filterwarnings("ignore")
     data = synthetic_cifar() if args.data == "synthetic" else load_cifar10()
-    done = []
+    done, saturation_done = [], {}
     if Path(args.json).exists():
         previous = json.loads(Path(args.json).read_text())
+        saturation_done = previous["results"].get("saturation", {})
         if previous["meta"]["args"].get("epochs") == args.epochs and previous["meta"]["args"].get("data") == args.data:
             done = previous["results"]["runs"]
     runs = list(done)
@@ -202,13 +203,12 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k not in ("weights", "ptq_export", "qat_export")}),
                       flush=True)
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # after every run: resumable
-                Path(args.json).write_text(json.dumps({"meta": meta(args),
-                                                       "results": {"runs": runs, "table": table(runs)}}, indent=2))
+                Path(args.json).write_text(json.dumps({"meta": meta(args), "results": {
+                    "runs": runs, "table": table(runs), "saturation": saturation_done}}, indent=2))
     t = table(runs)
     print_table(t)
     results = {"runs": runs, "table": t}
-    previous = json.loads(Path(args.json).read_text())["results"] if Path(args.json).exists() else {}
-    results["saturation"] = previous.get("saturation", {})  # one invocation per model keeps the others'
+    results["saturation"] = dict(saturation_done)  # one invocation per model keeps the others'
     if args.saturation and 0 in args.seeds and "baseline" in args.arms:
         results["saturation"].update({m: saturation(m, args, data) for m in args.models})
         print(json.dumps(results["saturation"]))

@@ -16,8 +16,9 @@ logger = logging.getLogger("sgs_fx")
 
 NOTE = """\
 What this shows: the whole pipeline on real data — SGS switched on in one line, S computed from the mutual
-information of every conv's input (centre-peaked, as in the paper), training at plain-SGD cost, and a
-plain ONNX model checked against PyTorch with onnxruntime.
+information of every conv's input (centre-peaked, as in the paper), training at plain-SGD cost, a plain
+ONNX model checked against PyTorch with onnxruntime, and its INT8 QDQ version (post-training quantization,
+int8 weights) scored by onnxruntime's int8 kernels next to it.
 What it cannot show: an accuracy gain. The paper's gains (+1 to +2.4 points on CIFAR-100) come from 200
 epochs; a few CPU epochs on a subset differ by seed noise (±1 point or more). BENCHMARKS.md holds the
 multi-seed study and how to run the paper's recipe on a GPU."""
