@@ -118,8 +118,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             PyTorch fake-quant model. Exact agreement is not expected: onnxruntime requantises in
             integer arithmetic and sums in another order, so a value at a rounding boundary may land
             one step away, and logits move by a few quantisation steps. Measured on under-trained CIFAR
-            models (1,000 test images, many near-ties): 97.9-99.7 %; int16 saturation in onnxruntime's
-            kernels (8-bit weights on a CPU without VNNI) gave 91.6 %.
+            models (1,000 test images, many near-ties): 97.9-99.9 %; int16 saturation in onnxruntime's
+            kernels (8-bit weights on a CPU without VNNI) gave 93-95 % (BENCHMARKS.md).
 
     Raises:
         FileNotFoundError: the directory of ``path`` does not exist.
