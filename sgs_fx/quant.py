@@ -8,8 +8,8 @@
     ptq = sgs_fx.quantize_ptq(float_model, loader)      # or: calibrate a trained float model
 
 Both give a torch.fx GraphModule with fake-quant modules (``prepare_qat_fx``'s form), so they share one
-export path (``export/qdq.py``). The default ranges are the ones onnxruntime's x86 int8 kernels compute
-exactly: uint8 activations over the full range, int8 per-channel symmetric weights in [-63, 63] (7 bits).
+export path (``export/qdq.py``). The default ranges are ones onnxruntime's x86 int8 kernels compute without
+overflow: uint8 activations over the full range, int8 per-channel symmetric weights in [-63, 63] (7 bits).
 onnxruntime's u8s8 kernels on x86 without VNNI add pairs of u8 x s8 products in int16, which saturates
 with 8-bit weights (its docs recommend reduce_range there); PyTorch's own x86 default instead narrows the
 activations to 7 bits, which needs a Clip before every QuantizeLinear and stops onnxruntime fusing
