@@ -38,7 +38,7 @@ import sgs_fx  # noqa: E402
 from sgs_fx.data import load_cifar10, synthetic_cifar, to_float  # noqa: E402
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.export.qdq import folded_weight_and_bias, quantize_weight  # noqa: E402
-from sgs_fx.train import TrainConfig, export_summary, load_trained, train  # noqa: E402
+from sgs_fx.train import TrainConfig, evaluate, export_summary, load_trained, train  # noqa: E402
 
 ARMS = {
     "baseline": dict(scales="none"),
@@ -73,8 +73,7 @@ def weight_stats(qat_like: torch.nn.Module) -> dict:
 
 
 def ort_accuracy(path: str, data) -> float:
-    return onnx_accuracy(path, ((to_float(data.test_images[i:i + 500]), data.test_labels[i:i + 500])
-                                for i in range(0, len(data.test_labels), 500)))
+    return onnx_accuracy(path, data.test_batches())
 
 
 def one_run(model_name: str, arm: str, seed: int, args, data) -> dict:
@@ -91,37 +90,24 @@ def one_run(model_name: str, arm: str, seed: int, args, data) -> dict:
     float_model, _ = load_trained(root / "float" / "checkpoint.pt")
     qat_model, _ = load_trained(root / "qat" / "checkpoint.pt")
     check = to_float(data.test_images[:1000])
-    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(seed))[:32 * 128]
-    calib = [to_float(data.train_images[order[i:i + 128]]) for i in range(0, len(order), 128)]
-    ptq_model = sgs_fx.quantize_ptq(float_model, calib, num_batches=32, progress=False)
+    ptq_model = sgs_fx.quantize_ptq(float_model, data.calibration_batches(32, seed=seed), num_batches=32,
+                                    progress=False)
     row = {"model": model_name, "arm": arm, "seed": seed, "float_acc": float_acc, "qat_acc_torch": qat_acc_torch}
     for kind, model in (("ptq", ptq_model), ("qat", qat_model)):
         report = sgs_fx.export_onnx(model, str(root / f"{kind}_int8.onnx"), check[:1], check_input=check,
                                     min_agreement=0.0)  # a study records the agreement, it does not gate on it
         row[f"{kind}_acc"] = ort_accuracy(report.path, data)
         row[f"{kind}_export"] = export_summary(report)
-    row["ptq_acc_torch"] = _torch_accuracy(ptq_model, data)
+    row["ptq_acc_torch"] = evaluate(ptq_model, data, torch.device("cpu"))[1]
     row["weights"] = weight_stats(ptq_model)
     row["wall_s"] = time.perf_counter() - t0
     return row
 
 
-@torch.no_grad()
-def _torch_accuracy(model, data) -> float:
-    from sgs_fx.quant import observers_frozen
-
-    model.eval()
-    with observers_frozen(model):
-        correct = sum(int((model(to_float(data.test_images[i:i + 500])).argmax(1)
-                           == data.test_labels[i:i + 500]).sum()) for i in range(0, len(data.test_labels), 500))
-    return correct / len(data.test_labels)
-
-
 def saturation(model_name: str, args, data) -> dict:
     """7- vs 8-bit weights, PTQ of the seed-0 baseline: onnxruntime's int8 kernels against the fake-quant model."""
     model, _ = load_trained(Path(args.out) / model_name / "baseline_s0" / "float" / "checkpoint.pt")
-    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:32 * 128]
-    calib = [to_float(data.train_images[order[i:i + 128]]) for i in range(0, len(order), 128)]
+    calib = data.calibration_batches(32)
     check = to_float(data.test_images[:2000])
     out = {"cpu_flags": sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
                                 if f in Path("/proc/cpuinfo").read_text().split()})}
@@ -130,7 +116,7 @@ def saturation(model_name: str, args, data) -> dict:
         report = sgs_fx.export_onnx(ptq, str(Path(args.out) / model_name / f"saturation_w{bits}.onnx"), check[:1],
                                     check_input=check, min_agreement=0.0)
         out[f"w{bits}"] = {"agreement": report.agreement, "max_output_diff": report.max_output_diff,
-                           "fake_quant_acc": _torch_accuracy(ptq, data), "ort_acc": ort_accuracy(report.path, data)}
+                           "fake_quant_acc": evaluate(ptq, data, torch.device("cpu"))[1], "ort_acc": ort_accuracy(report.path, data)}
     return out
 
 

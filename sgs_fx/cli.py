@@ -142,34 +142,20 @@ def cmd_export(args) -> int:
             return 2
     shape = tuple(int(v) for v in args.input_shape.split(","))
     check = None
-    if args.int8 or has_quantization(model):
-        data = _int8_data(args)
-        check = data.test_images[:1000]
-        if not has_quantization(model):  # a float model: post-training quantization on training batches
+    quantized = has_quantization(model)
+    if args.int8 or quantized:
+        from .data import load_cifar10, synthetic_cifar, to_float
+
+        data = synthetic_cifar() if args.calib_data == "synthetic" else load_cifar10(args.data_dir)
+        check = to_float(data.test_images[:1000])
+        if not quantized:  # a float model: post-training quantization on training batches
             import sgs_fx
 
-            model = sgs_fx.quantize_ptq(model, _calibration_batches(data), num_batches=args.calib_batches,
-                                        weight_bits=args.weight_bits)
+            model = sgs_fx.quantize_ptq(model, data.calibration_batches(args.calib_batches),
+                                        num_batches=args.calib_batches, weight_bits=args.weight_bits)
     report = export_onnx(model, args.output, torch.randn(shape), opset=args.opset, check_input=check)
     print(report)
     return 0
-
-
-def _int8_data(args):
-    """CIFAR-10 as floats for calibration and the agreement check (synthetic for smoke runs)."""
-    from .data import load_cifar10, synthetic_cifar, to_float
-
-    data = synthetic_cifar() if args.calib_data == "synthetic" else load_cifar10(args.data_dir)
-    data.train_images, data.test_images = to_float(data.train_images), to_float(data.test_images)
-    return data
-
-
-def _calibration_batches(data, batch_size: int = 128):
-    import torch
-
-    n = len(data.train_images)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # a fixed shuffle: reproducible ranges
-    return (data.train_images[order[i:i + batch_size]] for i in range(0, n, batch_size))
 
 
 def main(argv=None) -> int:

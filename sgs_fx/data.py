@@ -55,6 +55,18 @@ class Cifar10:
     test_images: Tensor
     test_labels: Tensor
 
+    def calibration_batches(self, num_batches: int, batch_size: int = 128, seed: int = 0) -> list[Tensor]:
+        """Up to ``num_batches`` float batches of training images in a fixed shuffle (reproducible ranges)."""
+        n = len(self.train_labels)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return [to_float(self.train_images[order[i:i + batch_size]])
+                for i in range(0, min(n, num_batches * batch_size), batch_size)]
+
+    def test_batches(self, batch_size: int = 500):
+        """(float images, labels) over the whole test split, in order."""
+        return ((to_float(self.test_images[i:i + batch_size]), self.test_labels[i:i + batch_size])
+                for i in range(0, len(self.test_labels), batch_size))
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SGS_FX_CACHE", Path.home() / ".cache" / "sgs_fx"))

@@ -52,24 +52,16 @@ def run_demo(out: str = "runs/demo", epochs: int = 5, subset: int = 25000, width
 
 def int8_ptq(run_dir: Path, data, calib_batches: int = 32) -> dict:
     """Post-training INT8 of a finished run: QDQ ONNX next to its float ONNX, both scored by onnxruntime."""
-    import torch
-
     import sgs_fx
 
     model, _ = load_trained(run_dir / "checkpoint.pt")
-    order = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))
-    calib = (to_float(data.train_images[order[i:i + 128]]) for i in range(0, calib_batches * 128, 128))
-    ptq = sgs_fx.quantize_ptq(model, calib, num_batches=calib_batches, progress=False)
+    ptq = sgs_fx.quantize_ptq(model, data.calibration_batches(calib_batches), num_batches=calib_batches,
+                              progress=False)
     check = to_float(data.test_images[:1000])
     report = sgs_fx.export_onnx(ptq, run_dir / "model_int8.onnx", check[:1], check_input=check)
-
-    def test_batches():
-        return ((to_float(data.test_images[i:i + 500]), data.test_labels[i:i + 500])
-                for i in range(0, len(data.test_labels), 500))
-
     row = export_summary(report)
-    row["test_acc"] = onnx_accuracy(report.path, test_batches())
-    row["float_onnx_test_acc"] = onnx_accuracy(run_dir / "model.onnx", test_batches())
+    row["test_acc"] = onnx_accuracy(report.path, data.test_batches())
+    row["float_onnx_test_acc"] = onnx_accuracy(run_dir / "model.onnx", data.test_batches())
     row["float_onnx_size_bytes"] = file_size(run_dir / "model.onnx")
     return row
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import warnings
 from collections.abc import Iterable
@@ -147,7 +148,7 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
         with torch.no_grad():
             seen = 0
             bar = tqdm(total=num_batches, desc="PTQ calibration", leave=False, disable=None if progress else True)
-            for batch in _chain(first, iterator):
+            for batch in itertools.chain([first], iterator):
                 ptq(_input(batch).to(device))
                 seen += 1
                 bar.update()
@@ -166,11 +167,6 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
         logger.warning("quantize_ptq: calibrated on %d batches (the loader ran out before num_batches=%d)",
                        seen, num_batches)
     return ptq
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _input(batch):

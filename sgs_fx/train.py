@@ -162,12 +162,10 @@ def build(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model
 
 
-def to_qat(model: nn.Module, opt: torch.optim.Optimizer, sched_lr, cfg: TrainConfig, device: torch.device):
-    """Switch a float model to fake-quant training in place: (model, optimizer, lr schedule) to go on with.
+def qat_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The fake-quant version of a float model, built in place: same Parameter objects, SGS with its scales.
 
-    SGS keeps its scales and the Parameter objects (strip, prepare_qat and transform all in place), so
-    the optimizer's momentum carries over; a branch-mode model is folded first (as it would be deployed),
-    whose new parameters start without momentum.
+    A branch-mode model is folded first (as it would be deployed), so its parameters are new ones.
     """
     scales = sgs_fx.get_scales(model) if cfg.mode == "sgs" and cfg.scales != "none" else None
     plain = sgs_fx.strip(model, inplace=True)
@@ -176,6 +174,15 @@ def to_qat(model: nn.Module, opt: torch.optim.Optimizer, sched_lr, cfg: TrainCon
     if scales is not None:
         qat = sgs_fx.transform(qat, inplace=True)
         sgs_fx.set_scales(qat, scales)
+    return qat
+
+
+def to_qat(model: nn.Module, opt: torch.optim.Optimizer, sched_lr, cfg: TrainConfig, device: torch.device):
+    """Switch a float model to fake-quant training: (model, optimizer, lr schedule) to go on with.
+
+    The parameters SGS keeps (``qat_model``) keep their momentum; folded branches start without.
+    """
+    qat = qat_model(model, cfg, device)
     new_opt = torch.optim.SGD(qat.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     new_opt.param_groups[0].update({k: v for k, v in opt.param_groups[0].items() if k != "params"})
     new_opt.state.update({p: opt.state[p] for p in qat.parameters() if p in opt.state})
@@ -286,8 +293,7 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     device = torch.device(device)
     model = build(cfg, device)
     if cfg.qat_epoch is not None and state["epoch"] >= cfg.qat_epoch:
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        model, _, _ = to_qat(model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1), cfg, device)
+        model = qat_model(model, cfg, device)
     model.load_state_dict(state["model"])
     return model.eval(), cfg
 
