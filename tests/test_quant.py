@@ -110,6 +110,12 @@ def test_qdq_weights_are_the_fake_quantized_weights_bit_for_bit(trained_qat, dat
     assert torch.equal(a.argmax(1), b.argmax(1)) and (a - b).abs().max() <= 2 * step + 1e-6
 
 
+def _tensor_bytes(proto):
+    constants = [n.attribute[0].t for n in proto.graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR]
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in [*proto.graph.initializer, *constants])
+
+
 def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path):
     x_test = data[2]
     before = {k: v.clone() for k, v in trained_qat.state_dict().items()}
@@ -130,7 +136,11 @@ def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path
     first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
     assert float(values[first.input[1]]) == trained_qat.activation_post_process_0.scale.item()
     plain = sgs_fx.export_onnx(sgs_fx.strip(build_model("vgg11_bn", width=0.125)), tmp_path / "f.onnx", x_test[:1])
-    assert report.size_bytes < 0.4 * plain.size_bytes  # int8 weights: about a quarter of float32
+    # Int8 weights store a quarter of float32's bytes, plus float biases and per-channel scales. Compared on
+    # tensor bytes, not file sizes: the exporter's per-node metadata (stack traces holding the checkout's
+    # path) is a third of this small file and its length depends on where the tests run.
+    assert _tensor_bytes(proto) < 0.3 * _tensor_bytes(onnx.load(plain.path))
+    assert report.size_bytes < plain.size_bytes
 
 
 def test_agreement_below_threshold_raises_and_keeps_the_file(trained_qat, data, tmp_path):
