@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 
@@ -66,6 +67,8 @@ def cmd_train(args) -> int:
     except NaNLossError as exc:
         print(f"sgs-fx train: {exc}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone exports and reports
+        return 0
     final = summary["final"]
     print(json.dumps({"out": cfg.out, "test_acc": final["test_acc"] if final else None,
                       "best_test_acc": summary["best_test_acc"], "onnx": summary.get("onnx")}))

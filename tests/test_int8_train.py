@@ -1,5 +1,9 @@
 """`sgs-fx train --qat EPOCH` and `sgs-fx export --int8`: QAT inside the training loop, exact resume, PTQ export."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +110,22 @@ def test_a_failed_export_check_keeps_the_run(tmp_path, monkeypatch, capsys):
     assert rc == 4 and "failed its onnxruntime check (kept for inspection" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx"]["passed"] is False and (out / "model.onnx").exists() and (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_qat_switch_under_torchrun_keeps_ranks_in_step(tmp_path):
+    # The switch rebuilds the model (strip, prepare_qat, transform) and must re-wrap it in DDP: the old wrapper
+    # around the float graph would go on training the same Parameters without fake-quant, or without gradient sync.
+    worker = Path(__file__).with_name("ddp_qat_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp_path), "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for epoch in (0, 1, 2):
+        a, b = ranks[0][epoch]["params"], ranks[1][epoch]["params"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), epoch  # gradients all-reduced
+    ranges = {k: v for k, v in ranks[0][1]["buffers"].items() if k.endswith("activation_post_process.max_val")}
+    assert len(ranges) >= 9 and all(torch.isfinite(v).all() for v in ranges.values())  # fake-quant saw the data
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(ckpt[k], v) for k, v in ranks[0][2]["params"].items())

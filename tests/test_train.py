@@ -105,6 +105,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
            "--batch-size", "32", "--every", "1", "--warmup", "0", "--out", str(out), "--no-progress", "--no-plots"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"best_test_acc"') == 1  # one summary line, from rank 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2  # rank 0 alone writes
     summary = json.loads((out / "summary.json").read_text())
