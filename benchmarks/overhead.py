@@ -7,8 +7,7 @@ Variants (each its own copy of the same initial model, SGD momentum):
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
                      backward (what the official implementation does)
   branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
-  *_compiled         torch.compile'd plain / sgs / sgs with transform(scaling="graph") (with --compile, or
-                     always on CUDA)
+  *_compiled         torch.compile'd plain / sgs / sgs with transform(scaling="graph") (with --compile)
 
 Regimes:
   default            compute-bound CPU: full width, batch 64, 32x32, the machine's threads
@@ -128,7 +127,7 @@ def saved_bytes(model, x, y) -> int:
 
 def bench(name: str, args) -> dict:
     st = Setting(args, name)
-    variants, steps = make_variants(name, st, args.compile or st.cuda, branches=not args.dispatch_bound)
+    variants, steps = make_variants(name, st, args.compile, branches=not args.dispatch_bound)
     x = torch.randn(st.batch, 3, st.hw, st.hw, device=st.device)
     if st.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -23,6 +23,40 @@ def test_gpu_recipe_smoke():
     assert lines[0]["final_loss"] != lines[1]["final_loss"]
 
 
+def test_gpu_recipe_on_a_carried_subset(tmp_path):
+    # the way a lent GPU gets data: a small .npz of uint8 arrays, a few epochs, and a projection of the recipe
+    import numpy as np
+
+    from sgs_fx.data import synthetic_cifar
+
+    d = synthetic_cifar(n_train=256, n_test=64)
+    np.savez_compressed(tmp_path / "sub.npz", **{k: getattr(d, k).numpy() for k in
+                                                  ("train_images", "train_labels", "test_images", "test_labels")})
+    _run("benchmarks/gpu_recipe.py", "--data-npz", str(tmp_path / "sub.npz"), "--runs", "sgs", "--epochs", "2",
+         "--warmup", "0", "--width", "0.0625", "--batch-size", "64", "--no-compile", "--json", str(tmp_path / "r.json"))
+    (row,) = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
+    assert row["train_images"] == 256 and row["test_images"] == 64 and row["steps_per_epoch"] == 4
+    assert row["calibrations"] == 1 and row["calibration_s"] > 0 and row["projected_full_s"] > row["train_wall_s"]
+
+
+def test_gpu_recipe_projection_arithmetic():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_recipe import projection
+
+    class Every5:  # the recipe's schedule with warm-up 1: due at 1, 5, 10, ..., 195 (40 calibrations)
+        def due(self, epoch):
+            return epoch == 1 or (epoch > 1 and epoch % 5 == 0)
+
+    # 10 epochs of 100 steps: 20 s, of which the first epoch 5 s and 2 later calibrations (epochs 1, 5) of 0.5 s
+    row = {"epochs": 10, "steps_per_epoch": 100, "batch_size": 128, "train_wall_s": 20.0, "first_epoch_s": 5.0,
+           "calibrations": 2, "calibration_s": 1.0}
+    p = projection(row, 200, Every5())
+    # steady: (20 - 5 - 2 * 0.5) s / 900 steps; full: 390 * 200 steps, the first 100 of them in the first epoch
+    assert p["steady_step_ms"] == pytest.approx(14.0 / 900 * 1e3, rel=1e-12)
+    assert p["projected_full_s"] == pytest.approx(5.0 + 14.0 / 900 * (78_000 - 100) + 0.5 * 40, rel=1e-12)
+    assert projection({**row, "epochs": 1}, 200, Every5()) == {}
+
+
 def test_accuracy_study_smoke(tmp_path):
     out = _run("benchmarks/accuracy.py", "--data", "synthetic", "--epochs", "1", "--seeds", "0", "--width", "0.0625",
                "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "acc.json"))
