@@ -81,6 +81,7 @@ def run(name: str, args, data, device: torch.device) -> dict:
             group["lr"] = lr
         if sched is not None:
             sched.loader = epoch_batches(epoch)  # the first batches of this epoch's augmented pass
+            sync()  # the previous epoch's queued kernels are not the calibration's
             t_cal = time.perf_counter()
             if sched.step(epoch):
                 sync()
