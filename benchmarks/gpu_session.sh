@@ -38,5 +38,5 @@ step 80 overhead_compiled_vgg python3 benchmarks/overhead.py --device cuda --com
 step 90 overhead_compiled_resnet python3 benchmarks/overhead.py --device cuda --compile --models resnet18 \
     --rounds 11 --json "$OUT/overhead_cuda_compiled_resnet18.json"
 # 4. one MI calibration on the GPU (synthetic images: the binning cost does not depend on them)
-step 40 mi_speed python3 benchmarks/mi_speed.py --device cuda --synthetic --quick --json "$OUT/mi_speed_cuda.json"
+step 60 mi_speed python3 benchmarks/mi_speed.py --device cuda --synthetic --quick --json "$OUT/mi_speed_cuda.json"
 echo "=== done $(date -u +%T)"
