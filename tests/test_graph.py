@@ -191,6 +191,13 @@ def test_deform_conv_is_instrumented_like_a_conv_of_its_kernel():
         sgs_fx.transform(model, mode="branches", branches="acb")
 
 
+def test_deform_conv_model_exports_to_onnx(tmp_path):
+    # ONNX has DeformConv since opset 19; onnxruntime runs it (on the CPU, float32)
+    sgs = sgs_fx.transform(DeformNet())
+    report = sgs_fx.export_onnx(sgs, tmp_path / "deform.onnx", torch.randn(1, 3, 8, 8))
+    assert report.passed and report.op_counts == {"Conv": 1, "DeformConv": 1}
+
+
 def test_copies_of_an_instrumented_graph_keep_S():
     import copy
     import io
