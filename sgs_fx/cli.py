@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import fields
 
@@ -67,7 +66,9 @@ def cmd_train(args) -> int:
     except NaNLossError as exc:
         print(f"sgs-fx train: {exc}", file=sys.stderr)
         return 3
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone exports and reports
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun, rank 0 alone exports and reports
         return 0
     final = summary["final"]
     print(json.dumps({"out": cfg.out, "test_acc": final["test_acc"] if final else None,
