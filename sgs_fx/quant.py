@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import itertools
 import logging
 import warnings
@@ -42,9 +44,10 @@ def qconfig_mapping(*, qat: bool = True, weight_bits: int = 7):
         weight_bits: 7 (default: weights in [-63, 63], no int16 saturation in onnxruntime on any x86 CPU)
             or 8 (weights in [-127, 127], for VNNI / ARM targets).
     """
-    from torch.ao.quantization import (FakeQuantize, FusedMovingAvgObsFakeQuantize, HistogramObserver,
-                                       MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                                       PerChannelMinMaxObserver, QConfig, QConfigMapping)
+    from torch.ao.quantization import (FakeQuantize, FixedQParamsFakeQuantize, FusedMovingAvgObsFakeQuantize,
+                                       HistogramObserver, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver, QConfig,
+                                       QConfigMapping, get_default_qat_qconfig_mapping)
 
     if weight_bits not in (7, 8):
         raise ValueError(f"qconfig_mapping: weight_bits={weight_bits!r}; use 7 or 8")
@@ -59,7 +62,15 @@ def qconfig_mapping(*, qat: bool = True, weight_bits: int = 7):
     else:
         act = FakeQuantize.with_args(observer=HistogramObserver, **act_kw)
         weight = FakeQuantize.with_args(observer=PerChannelMinMaxObserver, **w_kw)
-    return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    # sigmoid, hardsigmoid, tanh, softmax: the backend accepts only their fixed output ranges (1/256 over
+    # [0, 1], 2/256 over [-1, 1]); any other qconfig leaves them float, with a warning per op.
+    with warnings.catch_warnings():  # torch's default mapping holds reduce_range observers, which warn
+        warnings.simplefilter("ignore")
+        for op, qconfig in get_default_qat_qconfig_mapping("x86").object_type_qconfigs.items():
+            if qconfig is not None and isinstance(qconfig.activation(), FixedQParamsFakeQuantize):
+                mapping.set_object_type(op, QConfig(activation=qconfig.activation, weight=weight))
+    return mapping
 
 
 _default_mapping = qconfig_mapping  # the functions below take a `qconfig_mapping` argument, as torch's do
@@ -79,13 +90,72 @@ def prepare_qat(model: nn.Module, example_inputs, *, qconfig_mapping=None, inpla
         raise RuntimeError("sgs_fx.prepare_qat: the model is SGS-instrumented; quantize the plain model first "
                            "(sgs_fx.strip(model), or prepare before sgs_fx.transform), then transform the result; "
                            "set_scales(qat, get_scales(model)) carries the scales over")
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
     example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     qmap = _default_mapping() if qconfig_mapping is None else qconfig_mapping
+    custom = PrepareCustomConfig().set_non_traceable_module_classes(_mode_dependent_leaves(model))
     with warnings.catch_warnings():
         # torch.ao's FX flow warns that it is deprecated for torchao's pt2e; it is the flow sgs_fx supports
         # (README says so), and the warning names an API the user did not call
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.ao.quantization")
-        return prepare_qat_fx((model if inplace else copy.deepcopy(model)).train(), qmap, example_inputs)
+        qat = prepare_qat_fx((model if inplace else copy.deepcopy(model)).train(), qmap, example_inputs,
+                             prepare_custom_config=custom)
+    _refuse_zero_bn_scales(qat)
+    return qat
+
+
+def _refuse_zero_bn_scales(qat: nn.Module) -> None:
+    """PyTorch's fused Conv-BN QAT modules divide the conv output by gamma / std: a gamma of exactly 0 is NaN."""
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+    zero = [f"{n} ({int((m.bn.weight == 0).sum())} channels)" for n, m in qat.named_modules()
+            if isinstance(m, _ConvBnNd) and m.bn.affine and bool((m.bn.weight == 0).any())]
+    if zero:
+        raise ValueError(
+            f"sgs_fx.prepare_qat: BatchNorm weight (gamma) is exactly 0 in {len(zero)} fused conv-BN layer(s): "
+            f"{', '.join(zero[:3])}{', ...' if len(zero) > 3 else ''}. PyTorch's fused Conv-BN QAT module divides "
+            "by gamma, so they would output NaN. Zero-initialised residual BatchNorms (timm's zero_init_last, "
+            "torchvision's zero_init_residual) need training before quantization: train in float first, or "
+            "build the model without that initialisation.")
+
+
+_QUANTIZED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _mode_dependent_leaves(model: nn.Module) -> list[type]:
+    """Classes to keep as modules in the QAT graph: tracing bakes ``self.training`` in as a constant.
+
+    Stochastic depth / drop path (torchvision's StochasticDepth, timm's DropPath) read it to drop residual
+    branches in training only, and timm's BatchNormAct2d to use batch statistics; traced in train mode they
+    would do so at inference too (and export random ops, or batch statistics, to ONNX). Kept as modules they
+    follow train()/eval(); holding no conv or linear, they lose no int8 kernel (a BatchNormAct2d is then not
+    folded into its conv: correct, a little slower). A module holding convs that reads it must be traced for
+    its convs to be quantized, so its training branch stays for good: that is logged.
+    """
+    leaves: dict[type, None] = {}
+    baked: dict[type, list[str]] = {}
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls.__module__.startswith("torch.") or not _reads_training(cls):
+            continue  # torch's own modules are leaves of the tracer already
+        if not any(isinstance(sub, _QUANTIZED_LAYERS) for sub in m.modules()):
+            leaves[cls] = None
+        else:
+            baked.setdefault(cls, []).append(name or "the model")
+    for cls, names in baked.items():
+        logger.warning("sgs_fx.prepare_qat: %s reads self.training in its forward (%d module(s): %s); the QAT "
+                       "graph keeps its training-mode branch, in eval and in the exported model too",
+                       cls.__name__, len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+    return list(leaves)
 
 
 def freeze(model: nn.Module) -> nn.Module:

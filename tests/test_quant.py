@@ -221,3 +221,79 @@ def test_quantization_bad_input_is_named(tmp_path):
     with pytest.raises(RuntimeError, match="quantize the plain model first"):
         sgs_fx.prepare_qat(sgs_fx.transform(model), x)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+# --- models whose forward depends on train/eval, fixed-range activations, zero BatchNorm scales -----------
+
+class _DropPathNet(nn.Module):
+    """A residual block with stochastic depth (torchvision's), an SE-style sigmoid gate and a hardsigmoid."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.drop = StochasticDepth(p, "row")
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Sigmoid())
+        self.head = nn.Sequential(nn.Hardsigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.drop(self.branch(x))
+        return self.head(x * self.gate(x))
+
+
+def test_stochastic_depth_follows_eval_in_the_quantized_graph_and_export(tmp_path):
+    # Traced in train mode, StochasticDepth's `if not self.training` would be baked in: the INT8 model would
+    # drop residual branches at inference, and the ONNX file would hold random ops.
+    torch.manual_seed(0)
+    model = _DropPathNet().eval()
+    x = torch.randn(64, 3, 8, 8)
+    qat = sgs_fx.prepare_qat(model, x[:2])
+    assert any(n.op == "call_module" and type(qat.get_submodule(n.target)).__name__ == "StochasticDepth"
+               for n in qat.graph.nodes)
+    torch.manual_seed(1)
+    a = qat(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, qat(x))  # training: rows dropped at random
+    sgs_fx.freeze(qat.eval())
+    torch.manual_seed(1)
+    a = qat(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, qat(x))  # eval: no drop
+    ptq = sgs_fx.quantize_ptq(sgs_fx.transform(model), [x[:32], x[32:]], num_batches=2, progress=False)
+    report = sgs_fx.export_onnx(ptq, tmp_path / "sd.onnx", x[:1], check_input=x)
+    assert report.passed and not any("Random" in op for op in report.op_counts)
+
+
+def test_fixed_range_activations_get_their_fixed_fake_quant(recwarn):
+    from torch.ao.quantization import FixedQParamsFakeQuantize
+
+    qat = sgs_fx.prepare_qat(_DropPathNet().eval(), torch.randn(2, 3, 8, 8))
+    fixed = {n: m for n, m in qat.named_modules() if isinstance(m, FixedQParamsFakeQuantize)}
+    assert len(fixed) == 2 and {float(m.scale) for m in fixed.values()} == {1 / 256}  # sigmoid, hardsigmoid
+    assert not [w for w in recwarn if "QConfig" in str(w.message)]  # torch warns per op otherwise
+
+
+def test_modules_reading_training_with_convs_inside_are_logged(caplog):
+    class Aux(nn.Module):  # an auxiliary head that only runs in training, like Inception's
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + 1 if self.training else y
+
+    with caplog.at_level("WARNING", logger="sgs_fx"):
+        sgs_fx.prepare_qat(nn.Sequential(Aux(), nn.ReLU()).eval(), torch.randn(2, 3, 8, 8))
+    assert "Aux reads self.training in its forward (1 module(s): 0)" in caplog.text
+
+
+def test_zero_batchnorm_scale_is_refused_before_it_turns_to_nan():
+    torch.manual_seed(0)
+    model = _DropPathNet().eval()
+    nn.init.zeros_(model.branch[1].weight)  # zero-initialised last BN of a residual branch (timm's default)
+    with pytest.raises(ValueError, match=r"gamma\) is exactly 0 in 1 fused conv-BN layer\(s\): branch.0 \(8 channels"):
+        sgs_fx.prepare_qat(model, torch.randn(2, 3, 8, 8))

@@ -36,3 +36,24 @@ def test_conv_subclasses_keep_their_forward(name, cls_name):
             assert torch.equal(p.grad, plain[n].grad), n
     stripped = sgs_fx.strip(sgs)
     assert type(stripped.get_submodule(next(iter(scales)))).__name__ == type(model.get_submodule(next(iter(scales)))).__name__
+
+
+@pytest.mark.slow
+def test_int8_of_a_timm_model_with_drop_path_and_batchnorm_act(tmp_path):
+    # timm's BatchNormAct2d and DropPath branch on self.training. Traced in train mode (as QAT is), they
+    # would use batch statistics and drop blocks at inference; sgs_fx keeps them as modules.
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=5, drop_path_rate=0.2).eval()
+    x = torch.randn(16, 3, 64, 64)
+    ptq = sgs_fx.quantize_ptq(sgs_fx.transform(model), [x[:8], x[8:]], num_batches=2, progress=False)
+    kept = {type(ptq.get_submodule(n.target)).__name__ for n in ptq.graph.nodes if n.op == "call_module"}
+    assert {"BatchNormAct2d", "DropPath"} <= kept
+    with torch.no_grad():
+        quantized = ptq(x)
+        ptq.apply(torch.ao.quantization.disable_fake_quant)
+        # fake-quant off: the float model, up to the fused conv-BN's scale-then-unscale rounding
+        torch.testing.assert_close(ptq(x), model(x), rtol=1e-4, atol=1e-5)
+        ptq.apply(torch.ao.quantization.enable_fake_quant)
+        assert torch.equal(ptq(x), quantized)
+    report = sgs_fx.export_onnx(ptq, tmp_path / "effnet.onnx", x[:1], check_input=x)
+    assert report.passed and not any("Random" in op for op in report.op_counts)
