@@ -110,10 +110,12 @@ def test_qdq_weights_are_the_fake_quantized_weights_bit_for_bit(trained_qat, dat
     assert torch.equal(a.argmax(1), b.argmax(1)) and (a - b).abs().max() <= 2 * step + 1e-6
 
 
-def _tensor_bytes(proto):
-    constants = [n.attribute[0].t for n in proto.graph.node
-                 if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR]
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in [*proto.graph.initializer, *constants])
+def _stored_tensors(proto) -> dict:
+    """Every tensor the file stores, by the name the graph uses: initializers and Constant nodes' values."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    values.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR})
+    return values
 
 
 def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path):
@@ -130,16 +132,15 @@ def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path
         tuple(m.weight.shape) for m in sgs_fx.instrumented(trained_qat).values())
     assert "INT8 QDQ ONNX" in str(report) and "top-1 agreement" in str(report)
     # the file holds the model's own ranges: the export's forwards (example, checks) observed nothing
-    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    values.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR})
+    values = _stored_tensors(proto)
     first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
     assert float(values[first.input[1]]) == trained_qat.activation_post_process_0.scale.item()
     plain = sgs_fx.export_onnx(sgs_fx.strip(build_model("vgg11_bn", width=0.125)), tmp_path / "f.onnx", x_test[:1])
     # Int8 weights store a quarter of float32's bytes, plus float biases and per-channel scales. Compared on
     # tensor bytes, not file sizes: the exporter's per-node metadata (stack traces holding the checkout's
     # path) is a third of this small file and its length depends on where the tests run.
-    assert _tensor_bytes(proto) < 0.3 * _tensor_bytes(onnx.load(plain.path))
+    float_bytes = sum(v.nbytes for v in _stored_tensors(onnx.load(plain.path)).values())
+    assert sum(v.nbytes for v in values.values()) < 0.3 * float_bytes
     assert report.size_bytes < plain.size_bytes
 
 
