@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, meta  # noqa: E402
 
 import sgs_fx  # noqa: E402
-from sgs_fx.data import load_cifar10, synthetic_cifar, to_float  # noqa: E402
+from sgs_fx.data import load_cifar10, synthetic_cifar  # noqa: E402
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.export.qdq import folded_weight_and_bias, quantize_weight  # noqa: E402
 from sgs_fx.train import TrainConfig, evaluate, export_summary, load_trained, train  # noqa: E402
@@ -89,7 +89,7 @@ def one_run(model_name: str, arm: str, seed: int, args, data) -> dict:
     qat_acc_torch = train(qat_cfg, resume=True)["final"]["test_acc"]
     float_model, _ = load_trained(root / "float" / "checkpoint.pt")
     qat_model, _ = load_trained(root / "qat" / "checkpoint.pt")
-    check = to_float(data.test_images[:1000])
+    check = data.agreement_images()
     ptq_model = sgs_fx.quantize_ptq(float_model, data.calibration_batches(32, seed=seed), num_batches=32,
                                     progress=False)
     row = {"model": model_name, "arm": arm, "seed": seed, "float_acc": float_acc, "qat_acc_torch": qat_acc_torch}
@@ -108,7 +108,7 @@ def saturation(model_name: str, args, data) -> dict:
     """7- vs 8-bit weights, PTQ of the seed-0 baseline: onnxruntime's int8 kernels against the fake-quant model."""
     model, _ = load_trained(Path(args.out) / model_name / "baseline_s0" / "float" / "checkpoint.pt")
     calib = data.calibration_batches(32)
-    check = to_float(data.test_images[:2000])
+    check = data.agreement_images(2000)
     out = {"cpu_flags": sorted({f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
                                 if f in Path("/proc/cpuinfo").read_text().split()})}
     for bits in (7, 8):

@@ -148,10 +148,10 @@ def cmd_export(args) -> int:
     check = None
     quantized = has_quantization(model)
     if args.int8 or quantized:
-        from .data import load_cifar10, synthetic_cifar, to_float
+        from .data import load_cifar10, synthetic_cifar
 
         data = synthetic_cifar() if args.calib_data == "synthetic" else load_cifar10(args.data_dir)
-        check = to_float(data.test_images[:1000])
+        check = data.agreement_images()
         if not quantized:  # a float model: post-training quantization on training batches
             import sgs_fx
 

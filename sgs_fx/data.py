@@ -62,6 +62,10 @@ class Cifar10:
         return [to_float(self.train_images[order[i:i + batch_size]])
                 for i in range(0, min(n, num_batches * batch_size), batch_size)]
 
+    def agreement_images(self, n: int = 1000) -> Tensor:
+        """The first ``n`` test images as floats: real inputs for an INT8 export's top-1 agreement check."""
+        return to_float(self.test_images[:n])
+
     def test_batches(self, batch_size: int = 500):
         """(float images, labels) over the whole test split, in order."""
         return ((to_float(self.test_images[i:i + batch_size]), self.test_labels[i:i + batch_size])

@@ -7,9 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from .data import load_cifar10, to_float
+from .data import load_cifar10
 from .export.onnx import file_size, onnx_accuracy
-
 from .train import TrainConfig, export_summary, load_trained, train
 
 logger = logging.getLogger("sgs_fx")
@@ -57,7 +56,7 @@ def int8_ptq(run_dir: Path, data, calib_batches: int = 32) -> dict:
     model, _ = load_trained(run_dir / "checkpoint.pt")
     ptq = sgs_fx.quantize_ptq(model, data.calibration_batches(calib_batches), num_batches=calib_batches,
                               progress=False)
-    check = to_float(data.test_images[:1000])
+    check = data.agreement_images()
     report = sgs_fx.export_onnx(ptq, run_dir / "model_int8.onnx", check[:1], check_input=check)
     row = export_summary(report)
     row["test_acc"] = onnx_accuracy(report.path, data.test_batches())

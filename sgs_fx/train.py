@@ -314,7 +314,7 @@ def _export(core: nn.Module, data: Cifar10, out: Path, device) -> "sgs_fx.Export
     from .export.qdq import has_quantization
 
     if has_quantization(core):  # QAT: INT8, checked on real test images (agreement needs real margins)
-        check = to_float(data.test_images[:1000])
+        check = data.agreement_images()
         return sgs_fx.export_onnx(core, out / "model_int8.onnx", check[:1], check_input=check)
     return sgs_fx.export_onnx(core, out / "model.onnx", torch.zeros(1, 3, 32, 32, device=device))
 
