@@ -25,9 +25,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 # 1. eager step cost: plain, SGS (hook), per-use function, official post-backward multiply, ACB branches
 step 80 overhead_eager python3 benchmarks/overhead.py --device cuda --json "$OUT/overhead_cuda_eager.json"
+# 1b. where the eager cost goes per conv: the hook's callback and multiplication vs one multiply after backward
+step 30 hook_cost python3 benchmarks/hook_cost.py --device cuda --samples 300 --json "$OUT/hook_cost_cuda.json"
 # 2. the recipe with CUDA graphs on the carried subset, projected to 200 epochs of 50,000 images (target <= 240 s)
 if [ -f gpu_data/cifar_subset.npz ]; then
-    step 200 recipe_graphs python3 benchmarks/gpu_recipe.py --data-npz gpu_data/cifar_subset.npz --epochs 8 \
+    step 190 recipe_graphs python3 benchmarks/gpu_recipe.py --data-npz gpu_data/cifar_subset.npz --epochs 8 \
         --compile-mode reduce-overhead --json "$OUT/gpu_recipe_reduce_overhead.json"
 else
     echo "no gpu_data/cifar_subset.npz carried: the recipe step is skipped"

@@ -71,6 +71,33 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
     assert {"plain", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
 
 
+def test_hook_cost_smoke(tmp_path):
+    _run("benchmarks/hook_cost.py", "--convs", "3", "--samples", "4", "--json", str(tmp_path / "h.json"))
+    res = json.loads((tmp_path / "h.json").read_text())["results"]
+    assert {"plain", "sgs_hook", "noop_hook", "sgs_per_use", "foreach_after"} <= set(res)
+    assert res["plain"]["extra_per_conv_us"] == 0 and len(res["sgs_hook"]["extra_per_conv_us_ci95"]) == 2
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_data():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from report import median_ci
+
+    assert median_ci([1.0, 1.0, 1.0]) == [1.0, 1.0]
+    small = [1.0 + 0.1 * ((7 * i) % 11 - 5) for i in range(11)]  # 0.5 .. 1.5, median 1.0
+    lo, hi = median_ci(small)
+    assert lo < 1.0 < hi and lo >= 0.5 and hi <= 1.5
+    lo2, hi2 = median_ci(small * 20)  # same spread, 20x the rounds: a narrower interval around the same median
+    assert lo <= lo2 <= 1.0 <= hi2 <= hi and hi2 - lo2 < hi - lo
+    assert median_ci(small, seed=1) == median_ci(small, seed=1)
+    # 95 %: for n standard-normal values the median's standard error is 1.2533 / sqrt(n), so the interval is
+    # about 2 * 1.96 * 0.0627 = 0.25 wide for n = 400 (min-max of the bootstrap medians would be ~0.45)
+    import statistics
+
+    normal = [statistics.NormalDist().inv_cdf((i + 0.5) / 400) for i in range(400)]
+    lo, hi = median_ci(normal)
+    assert 0.18 < hi - lo < 0.32 and lo < 0 < hi
+
+
 @pytest.mark.slow
 def test_int8_study_smoke(tmp_path):
     _run("benchmarks/int8_study.py", "--data", "synthetic", "--epochs", "2", "--seeds", "0", "--models", "vgg11_bn",

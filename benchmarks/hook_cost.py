@@ -1,0 +1,111 @@
+"""What one conv's gradient scaling costs in a host-bound backward pass, by mechanism.
+
+A chain of ``--convs`` tiny convs (4 channels, 4x4 pixels, batch 1: the conv itself is cheap, so per-op host
+work dominates, as in a GPU step at CIFAR sizes) is run forward and backward; the figure is the extra time
+per conv over the plain chain, median of interleaved single runs, with a 95 % bootstrap interval.
+
+  plain            the chain as it is
+  sgs_hook         sgs_fx.transform: the tensor hook ``S.mul`` on each weight Parameter (sgs_fx's default)
+  noop_hook        a Python hook that returns None on each weight: what any per-Parameter hook costs at least
+                   (the engine wraps the fresh gradient for Python, calls, unwraps)
+  sgs_per_use      sgs_fx's autograd function in the forward graph (tied weights; sgs_fx 0.1)
+  foreach_after    the plain chain, then one ``torch._foreach_mul_`` of every weight's .grad by S: the official
+                   code's way, one call per step (exact only where .grad is the whole story: see BENCHMARKS.md)
+
+    python benchmarks/hook_cost.py [--convs 30] [--samples 1000] [--device cuda] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sgs_fx  # noqa: E402
+from report import emit, median_ci  # noqa: E402
+
+
+def make_variants(n: int, channels: int, device) -> dict:
+    torch.manual_seed(0)
+    plain = nn.Sequential(*[nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(n)]).to(device)
+    sgs = sgs_fx.transform(plain)
+    sgs_fx.set_scales(sgs, {name: torch.rand(3, 3) + 0.5 for name in sgs_fx.instrumented(sgs)})
+    scales = [s.to(device) for s in sgs_fx.get_scales(sgs).values()]
+    per_use = copy.deepcopy(sgs)
+    for conv in per_use:
+        conv.__dict__["_sgs_per_use"] = True
+        sgs_fx.ops.attach_hook(conv)
+    noop = copy.deepcopy(plain)
+    for conv in noop:
+        conv.weight.register_hook(lambda g: None)
+    foreach = copy.deepcopy(plain)
+    expanded = [s.expand_as(c.weight) for s, c in zip(scales, foreach)]
+
+    def after_backward():
+        torch._foreach_mul_([c.weight.grad for c in foreach], expanded)
+
+    return {"plain": (plain, None), "sgs_hook": (sgs, None), "noop_hook": (noop, None),
+            "sgs_per_use": (per_use, None), "foreach_after": (foreach, after_backward)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--convs", type=int, default=30)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--samples", type=int, default=1000, help="interleaved forward+backward runs of each variant")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    # one thread's CPU time ignores what other processes take from it; a GPU run needs wall time, synchronised
+    clock = time.perf_counter_ns if cuda else time.thread_time_ns
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    variants = make_variants(args.convs, args.channels, device)
+    x = torch.randn(1, args.channels, 4, 4, device=device)
+
+    def run(model, after):
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        if after is not None:
+            after()
+
+    for model, after in variants.values():
+        for _ in range(10):
+            run(model, after)
+    keys = list(variants)
+    times: dict[str, list[int]] = {k: [] for k in keys}
+    for i in range(args.samples):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            sync()
+            t0 = clock()
+            run(*variants[k])
+            sync()
+            times[k].append(clock() - t0)
+    results = {}
+    for k in keys:
+        extra_us = [(a - b) / args.convs / 1e3 for a, b in zip(times[k], times["plain"])]
+        results[k] = {"median_run_us": statistics.median(times[k]) / 1e3,
+                      "extra_per_conv_us": statistics.median(extra_us), "extra_per_conv_us_ci95": median_ci(extra_us)}
+    results["setting"] = {"convs": args.convs, "channels": args.channels, "device": str(device),
+                          "gpu": torch.cuda.get_device_name() if cuda else None, "samples": args.samples}
+    emit(args, results, args.json)
+    print(f"\n{'variant':<15} {'fwd+bwd (us)':>13} {'extra / conv (us)':>18} {'95% CI':>18}")
+    for k in keys:
+        r = results[k]
+        lo, hi = r["extra_per_conv_us_ci95"]
+        print(f"{k:<15} {r['median_run_us']:>13.1f} {r['extra_per_conv_us']:>18.2f} {f'[{lo:.2f}, {hi:.2f}]':>18}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
