@@ -1,4 +1,5 @@
 """export_onnx: plain ONNX, checked by onnxruntime, no trace of instrumentation (issue 5)."""
+import dataclasses
 import os
 
 import pytest
@@ -10,6 +11,15 @@ import sgs_fx
 from helpers import random_scales
 from sgs_fx.models import build_model
 from sgs_fx.passes.select import default_filter
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
 
 
 def _train_a_little(model, x, steps=3):
@@ -83,7 +93,45 @@ def test_bad_input(tmp_path):
 
 
 def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
+    import sgs_fx.export.onnx as export_module
+
     model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    real_session = export_module._session
+
+    class OffByOne:  # an onnxruntime session whose every output is 1 too large: a wrong graph
+        def __init__(self, path, report):
+            self.session = real_session(path, report)
+
+        def get_inputs(self):
+            return self.session.get_inputs()
+
+        def run(self, *args):
+            return [out + 1 for out in self.session.run(*args)]
+
+    monkeypatch.setattr(export_module, "_session", OffByOne)
     with pytest.raises(sgs_fx.ExportMismatchError, match="was written to") as info:
-        sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), atol=-1.0)
-    assert os.path.exists(tmp_path / "m.onnx") and not info.value.report.passed
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    report = info.value.report
+    assert os.path.exists(tmp_path / "m.onnx") and not report.passed
+    assert report.max_abs_diff[1] == pytest.approx(1.0, abs=1e-5) and "allowed" in str(report)
+
+
+def test_negative_tolerance_is_refused(tmp_path):
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    for kwargs in ({"atol": -1.0}, {"rtol": -1e-5}):
+        with pytest.raises(ValueError, match="atol and rtol must be >= 0"):
+            sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), **kwargs)
+
+
+def test_large_outputs_are_judged_relative_to_their_scale(tmp_path):
+    # a regression head in raw units: outputs ~2e3, where float32 sums reordered by onnxruntime's kernels
+    # differ by ~5e-3 (50x an absolute 1e-4), yet only ~3e-6 of the outputs' magnitude
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    model = sgs_fx.transform(nn.Sequential(net, Scale(1e4)))
+    x = torch.randn(1, 3, 32, 32)
+    report = sgs_fx.export_onnx(model, tmp_path / "big.onnx", x)
+    assert report.passed and min(report.output_scale.values()) > 1e3
+    assert max(report.max_abs_diff.values()) > report.atol  # the absolute bound alone would have failed it
+    assert all(d <= 1e-5 * report.output_scale[b] + report.atol for b, d in report.max_abs_diff.items())
+    assert not dataclasses.replace(report, rtol=0.0).passed
