@@ -92,13 +92,13 @@ def test_bad_input(tmp_path):
         sgs_fx.export_onnx(sgs_fx.transform(Unexportable()), tmp_path / "u.onnx", torch.randn(1, 3, 8, 8))
 
 
-def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
+def _perturb_onnxruntime(monkeypatch, delta: float, output: int | None = None) -> None:
+    """Make export_onnx's onnxruntime session add ``delta`` to one output (all if None): a wrong graph."""
     import sgs_fx.export.onnx as export_module
 
-    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
     real_session = export_module._session
 
-    class OffByOne:  # an onnxruntime session whose every output is 1 too large: a wrong graph
+    class Perturbed:
         def __init__(self, path, report):
             self.session = real_session(path, report)
 
@@ -106,14 +106,80 @@ def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
             return self.session.get_inputs()
 
         def run(self, *args):
-            return [out + 1 for out in self.session.run(*args)]
+            return [o + delta if output is None or i == output else o for i, o in enumerate(self.session.run(*args))]
 
-    monkeypatch.setattr(export_module, "_session", OffByOne)
+    monkeypatch.setattr(export_module, "_session", Perturbed)
+
+
+def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    _perturb_onnxruntime(monkeypatch, 1.0)
     with pytest.raises(sgs_fx.ExportMismatchError, match="was written to") as info:
         sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     report = info.value.report
     assert os.path.exists(tmp_path / "m.onnx") and not report.passed
     assert report.max_abs_diff[1] == pytest.approx(1.0, abs=1e-5) and "allowed" in str(report)
+
+
+class TwoHeads(nn.Module):
+    """A main output in raw units (~1e5) and a small auxiliary one (~1), returned in a dict with a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"out": self.head(y) * 1e5, "aux": (y.mean((2, 3)), y.amax((2, 3)))}
+
+
+@pytest.mark.parametrize("output", [1, 2])
+def test_every_output_is_compared_at_its_own_scale(tmp_path, monkeypatch, output):
+    torch.manual_seed(0)
+    model = sgs_fx.transform(TwoHeads())
+    x = torch.randn(1, 3, 16, 16)
+    report = sgs_fx.export_onnx(model, tmp_path / "ok.onnx", x)
+    assert report.passed and report.outputs == (3, 3) and "all 3 outputs compared" in str(report)
+    # 1e-3 on an auxiliary output: less than the main output's own float32 noise (~1e-2) and far inside its
+    # allowance (1e-4 + 1e-5 * ~1e5), but ten times the auxiliary output's own allowance
+    _perturb_onnxruntime(monkeypatch, 1e-3, output=output)
+    with pytest.raises(sgs_fx.ExportMismatchError) as info:
+        sgs_fx.export_onnx(model, tmp_path / "bad.onnx", x)
+    assert info.value.report.max_abs_diff[1] == pytest.approx(1e-3, rel=1e-2)
+
+
+class ConvAndSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.sum()
+
+
+def test_unpaired_outputs_compare_the_first_and_say_so(caplog):
+    import numpy as np
+
+    from sgs_fx.export.onnx import ExportReport, _compare
+
+    model = ConvAndSum().eval()
+
+    class OneExtraOutput:  # an ONNX model with an output in between that PyTorch does not return
+        def get_inputs(self):
+            return [type("Input", (), {"name": "x"})()]
+
+        def run(self, _, feed):
+            with torch.no_grad():
+                y, total = model(torch.from_numpy(feed["x"]))
+            return [y.numpy(), np.zeros((), dtype=np.float32), total.numpy()]
+
+    report = ExportReport(path="m.onnx", opset=20, exporter="dynamo", op_counts={})
+    with caplog.at_level("WARNING", logger="sgs_fx"):
+        _compare(model, OneExtraOutput(), torch.randn(1, 3, 8, 8), (1, 3), report)
+    # pairing by position would have compared the sum with the extra zero and failed
+    assert report.outputs == (2, 3) and report.passed and report.max_abs_diff == {1: 0.0, 3: 0.0}
+    assert "only the first compared" in str(report) and "only the first is compared" in caplog.text
 
 
 def test_negative_tolerance_is_refused(tmp_path):

@@ -41,8 +41,11 @@ class ExportReport:
         opset: the opset of its default domain.
         exporter: "dynamo" or "torchscript" (the fallback, with its reason in ``fallback_reason``).
         op_counts: op type -> number of nodes in the main graph.
-        max_abs_diff / max_rel_diff: batch size -> largest difference between onnxruntime and PyTorch.
-        output_scale: batch size -> largest |PyTorch output| of that check.
+        max_abs_diff / max_rel_diff: batch size -> largest difference between onnxruntime and PyTorch, of
+            the output closest to its allowance where the model returns several tensors (all are compared).
+        output_scale: batch size -> largest |PyTorch output| of that output.
+        outputs: (tensors PyTorch returns, outputs of the ONNX model); where they differ only the first
+            pair was compared.
         atol, rtol: a float model passes where, for every check, max_abs_diff <= atol + rtol * output_scale.
         quantized: a QDQ INT8 model (then ``passed`` means top-1 agreement >= ``min_agreement``).
         agreement: the fraction of check inputs whose onnxruntime top-1 equals PyTorch's fake-quant top-1.
@@ -62,6 +65,7 @@ class ExportReport:
     atol: float = 1e-4
     rtol: float = 1e-5
     output_scale: dict[int, float] = field(default_factory=dict)
+    outputs: tuple[int, int] = (0, 0)
     fallback_reason: str | None = None
     quantized: bool = False
     agreement: float | None = None
@@ -90,6 +94,11 @@ class ExportReport:
             lines.append(f"  onnxruntime runs: {_ops_text(self.ort_ops)}")
             lines.append(f"  top-1 agreement with the PyTorch fake-quant model: {self.agreement:.2%} of "
                          f"{self.checked} inputs, max |output diff| {self.max_output_diff:.3g}")
+        n_torch, n_onnx = self.outputs
+        if n_torch != n_onnx:
+            lines.append(f"  PyTorch returns {n_torch} tensors, the ONNX model {n_onnx} outputs: only the first compared")
+        elif n_torch > 1:
+            lines.append(f"  all {n_torch} outputs compared (each batch line: the one closest to its allowance)")
         for b in self.max_abs_diff:
             allowed = "" if self.quantized else f" (allowed {self.tolerance(b):.3g})"
             lines.append(f"  batch {b}: max |ort - torch| = {self.max_abs_diff[b]:.3g}{allowed}, "
@@ -310,6 +319,11 @@ def _agreement(model: nn.Module, session, x: Tensor, check_input: Tensor | None,
 
 
 def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) -> None:
+    """Run both on random inputs shaped like ``x``; every output tensor is compared with its ONNX output.
+
+    Per batch size the report keeps the output closest to its allowance (``atol + rtol * its max |value|``),
+    so a small auxiliary output is not judged by the scale of a large main one.
+    """
     import numpy as np
 
     name = session.get_inputs()[0].name
@@ -317,19 +331,40 @@ def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) 
     for b in sizes:
         xb = torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype) * x.std().clamp(min=1e-3) + x.mean()
         with torch.no_grad():
-            expected = _first_tensor(model(xb)).numpy()
-        got = session.run(None, {name: xb.numpy()})[0]
-        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        report.max_abs_diff[b] = float(diff.max()) if diff.size else 0.0
-        report.max_rel_diff[b] = float((diff / np.maximum(np.abs(expected), 1e-6)).max()) if diff.size else 0.0
-        report.output_scale[b] = float(np.abs(expected).max()) if expected.size else 0.0
+            expected = [t.numpy() for t in _output_tensors(model(xb))]
+        got = session.run(None, {name: xb.numpy()})
+        report.outputs = (len(expected), len(got))
+        if len(got) != len(expected):
+            # The exporter dropped or added outputs (e.g. None or constants): pairing by position would
+            # compare unrelated tensors, so only the first pair is checked, and the report says so.
+            logger.warning("export_onnx: PyTorch returns %d tensors, the ONNX model %d outputs; only the first is "
+                           "compared", len(expected), len(got))
+            expected, got = expected[:1], got[:1]
+        worst = None
+        for want, have in zip(expected, got):
+            scale = float(np.abs(want).max()) if want.size else 0.0
+            if have.shape != want.shape:
+                d = rel = float("inf")
+            else:
+                diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
+                d = float(diff.max()) if diff.size else 0.0
+                rel = float((diff / np.maximum(np.abs(want), 1e-6)).max()) if diff.size else 0.0
+            allowed = report.atol + report.rtol * scale
+            slack = d / allowed if allowed > 0 else (0.0 if d == 0 else float("inf"))
+            if worst is None or not slack <= worst[0]:  # NaN counts as worst
+                worst = (slack, d, rel, scale)
+        _, report.max_abs_diff[b], report.max_rel_diff[b], report.output_scale[b] = worst
 
 
-def _first_tensor(out):
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    if isinstance(out, (list, tuple)):
-        return _first_tensor(out[0])
-    raise TypeError(f"export_onnx: cannot compare a model output of type {type(out).__name__}")
+def _output_tensors(out) -> list[Tensor]:
+    """The tensors of a model output in the exporter's order (pytree leaves: dicts by insertion, then lists)."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+    if not tensors:
+        raise TypeError(f"export_onnx: the model returned no tensor to compare (got {type(out).__name__})")
+    return tensors
+
+
+def _first_tensor(out) -> Tensor:
+    return _output_tensors(out)[0]
