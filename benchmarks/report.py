@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import statistics
 from datetime import date
 from pathlib import Path
 
@@ -33,9 +35,6 @@ def median_ci(values, *, level: float = 0.95, reps: int = 2000, seed: int = 0) -
     The per-round ratios of a shared machine spread by ±5-10 %; a median alone does not say whether a 1 %
     difference between two variants is real, the interval does.
     """
-    import random
-    import statistics
-
     values = list(values)
     if len(values) < 2:
         return [values[0], values[0]] if values else []
