@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sgs_fx  # noqa: E402
+from overhead import per_use_copy  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 
@@ -38,10 +39,7 @@ def make_variants(n: int, channels: int, device) -> dict:
     sgs = sgs_fx.transform(plain)
     sgs_fx.set_scales(sgs, {name: torch.rand(3, 3) + 0.5 for name in sgs_fx.instrumented(sgs)})
     scales = [s.to(device) for s in sgs_fx.get_scales(sgs).values()]
-    per_use = copy.deepcopy(sgs)
-    for conv in per_use:
-        conv.__dict__["_sgs_per_use"] = True
-        sgs_fx.ops.attach_hook(conv)
+    per_use = per_use_copy(sgs)
     noop = copy.deepcopy(plain)
     for conv in noop:
         conv.weight.register_hook(lambda g: None)

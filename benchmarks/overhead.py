@@ -66,16 +66,22 @@ def _random_scales(model, seed=0):
     return {n: torch.rand(tuple(m.kernel_size), generator=g) + 0.5 for n, m in sgs_fx.instrumented(model).items()}
 
 
+def per_use_copy(sgs: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an SGS model forced to scale per use (the autograd function of sgs_fx 0.1)."""
+    per_use = copy.deepcopy(sgs)
+    for conv in sgs_fx.instrumented(per_use).values():
+        conv.__dict__["_sgs_per_use"] = True
+        sgs_fx.ops.attach_hook(conv)
+    return per_use
+
+
 def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dict:
     torch.manual_seed(0)
     plain = build_model(name, width=st.width)
     sgs = sgs_fx.transform(plain)
     scales = _random_scales(sgs)
     sgs_fx.set_scales(sgs, scales)
-    per_use = copy.deepcopy(sgs)
-    for conv in sgs_fx.instrumented(per_use).values():
-        conv.__dict__["_sgs_per_use"] = True
-        sgs_fx.ops.attach_hook(conv)
+    per_use = per_use_copy(sgs)
     variants = {"plain": plain, "sgs": sgs, "sgs_per_use": per_use, "official": copy.deepcopy(plain)}
     if branches:
         variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")

@@ -83,7 +83,11 @@ class ExportReport:
 
     def tolerance(self, batch: int) -> float:
         """The largest difference allowed for the check at ``batch`` (float models)."""
-        return self.atol + self.rtol * self.output_scale.get(batch, 0.0)
+        return self.allowance(self.output_scale.get(batch, 0.0))
+
+    def allowance(self, scale: float) -> float:
+        """The largest difference allowed for an output whose largest |value| is ``scale``."""
+        return self.atol + self.rtol * scale
 
     def __str__(self) -> str:
         kind = "INT8 QDQ ONNX" if self.quantized else "ONNX"
@@ -349,7 +353,7 @@ def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) 
                 diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
                 d = float(diff.max()) if diff.size else 0.0
                 rel = float((diff / np.maximum(np.abs(want), 1e-6)).max()) if diff.size else 0.0
-            allowed = report.atol + report.rtol * scale
+            allowed = report.allowance(scale)
             slack = d / allowed if allowed > 0 else (0.0 if d == 0 else float("inf"))
             if worst is None or not slack <= worst[0]:  # NaN counts as worst
                 worst = (slack, d, rel, scale)
