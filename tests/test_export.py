@@ -201,3 +201,61 @@ def test_large_outputs_are_judged_relative_to_their_scale(tmp_path):
     assert max(report.max_abs_diff.values()) > report.atol  # the absolute bound alone would have failed it
     assert all(d <= 1e-5 * report.output_scale[b] + report.atol for b, d in report.max_abs_diff.items())
     assert not dataclasses.replace(report, rtol=0.0).passed
+
+
+class ImageMaskLabel(nn.Module):
+    """Three positional inputs: an image, a mask of the same shape (weighted differently) and a class label."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.mask, self.label = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Embedding(10, 4)
+
+    def forward(self, image, mask, label):
+        return (self.image(image) + 3 * self.mask(mask)).mean((2, 3)) + self.label(label)
+
+
+def test_several_inputs_are_exported_and_each_checked(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = sgs_fx.transform(ImageMaskLabel())
+    inputs = (torch.randn(1, 3, 8, 8), torch.rand(1, 3, 8, 8), torch.tensor([9]))
+    report = sgs_fx.export_onnx(model, tmp_path / "three.onnx", inputs, check_batch_sizes=(1, 4))
+    assert report.passed and report.exporter == "dynamo" and set(report.max_abs_diff) == {1, 4}
+    import onnx
+
+    graph_inputs = onnx.load(tmp_path / "three.onnx").graph.input
+    assert [i.type.tensor_type.elem_type for i in graph_inputs] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.INT64]
+    # fed by position: an onnxruntime session that swapped image and mask would be caught
+    import sgs_fx.export.onnx as export_module
+
+    real_feed = export_module._feed
+    monkeypatch.setattr(export_module, "_feed", lambda session, xs: real_feed(session, (xs[1], xs[0], xs[2])))
+    with pytest.raises(sgs_fx.ExportMismatchError):
+        sgs_fx.export_onnx(model, tmp_path / "swapped.onnx", inputs)
+
+
+def test_integer_inputs_are_drawn_within_their_range():
+    from sgs_fx.export.onnx import _random_like
+
+    g = torch.Generator().manual_seed(0)
+    labels = _random_like(torch.tensor([2, 7]), 1000, g)
+    assert labels.dtype == torch.int64 and labels.min() == 2 and labels.max() == 7
+    assert _random_like(torch.tensor([[True]]), 8, g).dtype == torch.bool
+    floats = _random_like(torch.full((1, 5), 3.0, dtype=torch.float16), 4000, g)
+    assert floats.dtype == torch.float16 and floats.shape == (4000, 5)
+    assert abs(floats.float().mean().item() - 3.0) < 0.01  # equal example values: mean 3, std clamped to 1e-3
+
+
+def test_several_inputs_bad_input_is_named(tmp_path):
+    model = sgs_fx.transform(ImageMaskLabel())
+    inputs = (torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"dim 0 is the batch, and they must agree.*dynamic_batch=False"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1][:1], inputs[2]))
+    with pytest.raises(TypeError, match="tensor or a tuple of tensors.*got list of int, int"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", [1, 2])
+    with pytest.raises(ValueError, match=r"check_input must be shaped like example_input, \(N, 3, 8, 8\), "
+                                         r"\(N, 3, 8, 8\), \(N\) with one N; got \(4, 3, 8, 8\)"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", inputs, check_input=torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"example_input of shape \(2, 3, 8, 8\), \(2, 3, 8, 8\), \(2,\) does not fit"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1], inputs[2] + 10))
+    report = sgs_fx.export_onnx(model, tmp_path / "fixed.onnx", inputs, dynamic_batch=False)
+    assert report.passed and list(report.max_abs_diff) == [2]

@@ -13,6 +13,7 @@ import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -117,9 +118,12 @@ def _ops_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, dynamic_batch: bool = True,
+Inputs = Union[Tensor, "tuple[Tensor, ...]"]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs, *, dynamic_batch: bool = True,
                 opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
-                rtol: float = 1e-5, check_input: Tensor | None = None, min_agreement: float = 0.97) -> ExportReport:
+                rtol: float = 1e-5, check_input: Inputs | None = None, min_agreement: float = 0.97) -> ExportReport:
     """Strip a copy of ``model``, export it to ``path`` and check it with onnxruntime.
 
     Args:
@@ -128,7 +132,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             ``sgs_fx.quantize_ptq``) is written as QDQ ONNX: QuantizeLinear / DequantizeLinear with the
             fake-quants' scales, int8 weights (BatchNorm folded), its observers frozen on the copy.
         path: the .onnx file to write; its directory must exist.
-        example_input: one input tensor, shape (N, ...); it sets the non-batch dims.
+        example_input: the model's input tensor, shape (N, ...), or a tuple of tensors, its positional
+            inputs, each (N, ...) with the same N (the batch dim they share). They set the non-batch dims;
+            the checks draw inputs like them: floats from a normal of their mean and std, integers (token
+            ids, labels) uniformly between their min and max, booleans at random.
         dynamic_batch: export the batch dim as dynamic (otherwise only N is checked).
         opset: ONNX opset (default: the exporter's).
         check_batch_sizes: batch sizes run through onnxruntime and PyTorch.
@@ -138,8 +145,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             ~5e-3 on a ResNet-18 whose outputs reach ~2e3 (a regression head in raw units; 2-4e-6 of the
             scale), which an absolute bound alone would fail. A wrong graph (a missing op, another padding)
             misses by far more than 1e-5 of the scale.
-        check_input: inputs (N, ...) for the quantized check, ideally real data: a classifier's top-1
-            agreement is only meaningful where its logits have margins (default: 64 random inputs).
+        check_input: inputs (N, ...) for the quantized check (a tuple like ``example_input``'s for a model
+            with several), ideally real data: a classifier's top-1 agreement is only meaningful where its
+            logits have margins (default: 64 random inputs).
         min_agreement: a quantized export fails below this top-1 agreement between onnxruntime and the
             PyTorch fake-quant model. Exact agreement is not expected: onnxruntime requantises in
             integer arithmetic and sums in another order, so a value at a rounding boundary may land
@@ -149,7 +157,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
 
     Raises:
         FileNotFoundError: the directory of ``path`` does not exist.
-        ValueError: ``example_input`` does not fit the model, or a negative tolerance.
+        TypeError: ``example_input`` or ``check_input`` is not a tensor or a tuple of tensors.
+        ValueError: ``example_input`` does not fit the model, its tensors disagree on the batch size
+            (with ``dynamic_batch``), ``check_input`` is not shaped like it, or a negative tolerance.
         RuntimeError: the exporter failed (its complaint is quoted).
         UnsupportedQuantizationError: observers without fake-quant, a converted (convert_fx) model, or a
             quantization with no QDQ form; the message says what to do.
@@ -160,28 +170,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"export_onnx: directory {directory!r} of {path!r} does not exist; create it first")
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"export_onnx: example_input must be a tensor, got {type(example_input).__name__}")
+    xs = _as_inputs(example_input, "example_input")
     if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"export_onnx: atol and rtol must be >= 0 (got atol={atol}, rtol={rtol})")
-    if check_input is not None and (not isinstance(check_input, Tensor)
-                                    or check_input.shape[1:] != example_input.shape[1:]):
-        got = tuple(check_input.shape) if isinstance(check_input, Tensor) else type(check_input).__name__
-        want = ", ".join(map(str, example_input.shape[1:]))
-        raise ValueError(f"export_onnx: check_input must be a tensor shaped (N, {want}) like example_input, got {got}")
+    if dynamic_batch:
+        _check_batch_dim(xs)
+    if check_input is not None:
+        check_input = _check_like(_as_inputs(check_input, "check_input"), xs)
     plain = strip(model).eval().cpu()
-    x = example_input.detach().cpu()
     quantized = has_quantization(plain)
     if quantized:
         check_quantized(plain)
         freeze(plain)  # no forward below (fit check, comparisons) may move the ranges being exported
     try:
         with torch.no_grad():
-            plain(x)
+            plain(*xs)
     except Exception as exc:
-        raise ValueError(f"export_onnx: example_input of shape {tuple(x.shape)} does not fit "
+        raise ValueError(f"export_onnx: example_input of shape {_shapes(xs)} does not fit "
                          f"{type(plain).__name__}: {exc}") from exc
-    exporter, reason = _export(to_qdq(plain) if quantized else plain, x, path, dynamic_batch, opset)
+    exporter, reason = _export(to_qdq(plain) if quantized else plain, xs, path, dynamic_batch, opset)
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
@@ -189,11 +196,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto), atol=atol,
                           rtol=rtol, fallback_reason=reason, quantized=quantized, min_agreement=min_agreement,
                           size_bytes=file_size(path, proto))
-    sizes = tuple(check_batch_sizes) if dynamic_batch else (x.shape[0],)
+    sizes = tuple(check_batch_sizes) if dynamic_batch else (len(xs[0]),)
     session = _session(path, report)
-    _compare(plain, session, x, sizes, report)
+    _compare(plain, session, xs, sizes, report)
     if quantized:
-        _agreement(plain, session, x, check_input, report, fixed_batch=None if dynamic_batch else x.shape[0])
+        _agreement(plain, session, xs, check_input, report, fixed_batch=None if dynamic_batch else len(xs[0]))
     if not report.passed:
         limit = f"agrees on top-1 below min_agreement={min_agreement:g}" if quantized else \
             f"differs from PyTorch beyond atol={atol:g} + rtol={rtol:g} x max |output|"
@@ -203,24 +210,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     return report
 
 
-def _export(model: nn.Module, x: Tensor, path: str, dynamic_batch: bool, opset: int | None):
+def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: bool, opset: int | None):
     # torch.export specialises a dim of size 1: export with a batch of 2 so the batch dim stays symbolic.
-    ex = x.expand(2, *x.shape[1:]).contiguous() if dynamic_batch and x.shape[0] == 1 else x
+    ex = tuple(x.expand(2, *x.shape[1:]).contiguous() for x in xs) if dynamic_batch and len(xs[0]) == 1 else xs
     kwargs = {} if opset is None else {"opset_version": opset}
     try:
-        dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        batch = torch.export.Dim("batch", min=1)
+        dyn = tuple({0: batch} for _ in xs) if dynamic_batch else None  # one Dim: the inputs share the batch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (ex,), path, dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
+            torch.onnx.export(model, ex, path, dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
         return "dynamo", None
     except Exception as dynamo_exc:
         reason = _complaint(dynamo_exc)
         logger.warning("export_onnx: the dynamo exporter failed (%s); falling back to the TorchScript exporter", reason)
     try:
-        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        names = ["input"] if len(xs) == 1 else [f"input{i}" for i in range(len(xs))]
+        axes = {**{n: {0: "batch"} for n in names}, "output": {0: "batch"}} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (ex,), path, dynamo=False, input_names=["input"], output_names=["output"],
+            torch.onnx.export(model, ex, path, dynamo=False, input_names=names, output_names=["output"],
                               dynamic_axes=axes, **kwargs)
         return "torchscript", reason
     except Exception as exc:
@@ -294,35 +303,91 @@ def _session(path: str, report: ExportReport):
     return session
 
 
-def _agreement(model: nn.Module, session, x: Tensor, check_input: Tensor | None, report: ExportReport,
-               fixed_batch: int | None) -> None:
+def _as_inputs(value, what: str) -> tuple[Tensor, ...]:
+    """A tensor or a tuple/list of tensors, as a tuple of detached CPU tensors (the model's positional inputs)."""
+    if isinstance(value, Tensor):
+        return (value.detach().cpu(),)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(t, Tensor) for t in value):
+        return tuple(t.detach().cpu() for t in value)
+    got = type(value).__name__ if not isinstance(value, (tuple, list)) else \
+        f"{type(value).__name__} of {', '.join(type(t).__name__ for t in value) or 'nothing'}"
+    raise TypeError(f"export_onnx: {what} must be a tensor or a tuple of tensors (the model's positional inputs), "
+                    f"got {got}")
+
+
+def _shapes(xs: tuple[Tensor, ...]) -> str:
+    return str(tuple(xs[0].shape)) if len(xs) == 1 else ", ".join(str(tuple(x.shape)) for x in xs)
+
+
+def _check_batch_dim(xs: tuple[Tensor, ...]) -> None:
+    if any(x.dim() == 0 for x in xs) or len({len(x) for x in xs}) > 1:
+        raise ValueError(f"export_onnx: with dynamic_batch=True every input's dim 0 is the batch, and they must "
+                         f"agree; got shapes {_shapes(xs)}. Pass dynamic_batch=False to export these shapes as "
+                         "they are")
+
+
+def _check_like(check: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    if len(check) != len(xs) or any(c.shape[1:] != x.shape[1:] for c, x in zip(check, xs)) \
+            or len({len(c) for c in check}) > 1:
+        want = ", ".join("(" + ", ".join(["N", *map(str, x.shape[1:])]) + ")" for x in xs)
+        raise ValueError(f"export_onnx: check_input must be shaped like example_input, {want} with one N; "
+                         f"got {_shapes(check)}")
+    return check
+
+
+def _random_like(x: Tensor, batch: int, g: torch.Generator) -> Tensor:
+    """A batch of inputs drawn like ``x``: floats around its mean and std, integers in its range."""
+    shape = (batch, *x.shape[1:])
+    if x.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if not (x.is_floating_point() or x.is_complex()):  # integers: ids, labels
+        low, high = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        return torch.randint(low, high + 1, shape, generator=g, dtype=x.dtype)
+    if x.is_complex():
+        raise TypeError(f"export_onnx: a complex input ({x.dtype}) cannot be fed to onnxruntime")
+    real = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    std = real.std().clamp(min=1e-3) if x.numel() > 1 else torch.ones((), dtype=real.dtype)  # one value: no spread
+    mean = real.mean() if x.numel() else torch.zeros((), dtype=real.dtype)
+    return (torch.randn(shape, generator=g, dtype=real.dtype) * std + mean).to(x.dtype)
+
+
+def _feed(session, xs: tuple[Tensor, ...]) -> dict:
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(xs):
+        raise RuntimeError(f"export_onnx: the ONNX model takes {len(names)} inputs ({', '.join(names)}) but "
+                           f"{len(xs)} were given: the exporter dropped an input the model does not use?")
+    return {n: x.numpy() for n, x in zip(names, xs)}
+
+
+def _agreement(model: nn.Module, session, xs: tuple[Tensor, ...], check_input: tuple[Tensor, ...] | None,
+               report: ExportReport, fixed_batch: int | None) -> None:
     import numpy as np
 
     if check_input is None:
         g = torch.Generator().manual_seed(1)
-        check_input = torch.randn((64, *x.shape[1:]), generator=g, dtype=x.dtype) * x.std().clamp(min=1e-3) + x.mean()
-    check_input = check_input.detach().cpu()
-    name = session.get_inputs()[0].name
+        check_input = tuple(_random_like(x, 64, g) for x in xs)
+    n = len(check_input[0])
     same = total = 0
-    batch_size, end = 256, len(check_input)
+    batch_size, end = 256, n
     if fixed_batch is not None:  # the file takes only that batch size: whole batches of it
-        batch_size, end = fixed_batch, len(check_input) - len(check_input) % fixed_batch
+        batch_size, end = fixed_batch, n - n % fixed_batch
         if end == 0:
-            raise ValueError(f"export_onnx: check_input has {len(check_input)} inputs, fewer than the fixed batch "
+            raise ValueError(f"export_onnx: check_input has {n} inputs, fewer than the fixed batch "
                              f"size {fixed_batch} of a dynamic_batch=False export")
     for i in range(0, end, batch_size):
-        xb = check_input[i:i + batch_size]
+        xb = tuple(c[i:i + batch_size] for c in check_input)
         with torch.no_grad():
-            expected = _first_tensor(model(xb)).numpy()
-        got = session.run(None, {name: xb.numpy()})[0]
-        same += int((got.reshape(len(xb), -1).argmax(1) == expected.reshape(len(xb), -1).argmax(1)).sum())
-        total += len(xb)
+            expected = _first_tensor(model(*xb)).numpy()
+        got = session.run(None, _feed(session, xb))[0]
+        m = len(xb[0])
+        same += int((got.reshape(m, -1).argmax(1) == expected.reshape(m, -1).argmax(1)).sum())
+        total += m
         diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
         report.max_output_diff = max(report.max_output_diff or 0.0, diff)
     report.agreement, report.checked = same / max(1, total), total
 
 
-def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) -> None:
+def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport) -> None:
     """Run both on random inputs shaped like ``x``; every output tensor is compared with its ONNX output.
 
     Per batch size the report keeps the output closest to its allowance (``atol + rtol * its max |value|``),
@@ -330,13 +395,12 @@ def _compare(model: nn.Module, session, x: Tensor, sizes, report: ExportReport) 
     """
     import numpy as np
 
-    name = session.get_inputs()[0].name
     g = torch.Generator().manual_seed(0)
     for b in sizes:
-        xb = torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype) * x.std().clamp(min=1e-3) + x.mean()
+        xb = tuple(_random_like(x, b, g) for x in xs)
         with torch.no_grad():
-            expected = [t.numpy() for t in _output_tensors(model(xb))]
-        got = session.run(None, {name: xb.numpy()})
+            expected = [t.numpy() for t in _output_tensors(model(*xb))]
+        got = session.run(None, _feed(session, xb))
         report.outputs = (len(expected), len(got))
         if len(got) != len(expected):
             # The exporter dropped or added outputs (e.g. None or constants): pairing by position would
