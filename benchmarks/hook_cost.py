@@ -13,6 +13,12 @@ per conv over the plain chain, median of interleaved single runs, with a 95 % bo
                    code's way, one call per step (exact only where .grad is the whole story: see BENCHMARKS.md)
 
     python benchmarks/hook_cost.py [--convs 30] [--samples 1000] [--device cuda] [--json out.json]
+
+``--in-model resnet18|vgg11_bn`` times the multiplication itself, inside the hook, during training steps of
+the host-bound proxy (``overhead.py --dispatch-bound``: width 0.125, batch 8, one thread; CPU only), per conv:
+with S as sgs_fx keeps it (k x k, broadcast) and with S expanded to the weight's full shape, each beside the
+same multiplication repeated in isolation (caches warm). The difference between the two is what running an
+op right after a conv kernel costs.
 """
 from __future__ import annotations
 
@@ -53,6 +59,55 @@ def make_variants(n: int, channels: int, device) -> dict:
             "sgs_per_use": (per_use, None), "foreach_after": (foreach, after_backward)}
 
 
+def in_model(name: str, steps: int) -> dict:
+    """Per-conv time of the gradient multiplication inside a training step, and of the same op in isolation."""
+    from sgs_fx.models import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(name, width=0.125)
+    hw = 16 if name == "resnet18" else 32  # as overhead.py --dispatch-bound
+    kinds = {"kxk": lambda s, w: s, "full": lambda s, w: s.expand_as(w).contiguous()}
+    models, spent = {}, {k: {} for k in kinds}
+    for kind, shape_s in kinds.items():
+        model = copy.deepcopy(plain)
+        for conv_name, conv in model.named_modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                s = shape_s(torch.rand(3, 3) + 0.5, conv.weight)
+                ns = spent[kind].setdefault(conv_name, [])
+
+                def hook(g, s=s, ns=ns):
+                    t0 = time.perf_counter_ns()
+                    out = s.mul(g)
+                    ns.append(time.perf_counter_ns() - t0)
+                    return out
+
+                conv.weight.register_hook(hook)
+        models[kind] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4))
+    x, y = torch.randn(8, 3, hw, hw), torch.randint(0, 10, (8,))
+    for i in range(steps):
+        for model, opt in models.values():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    skip = min(20, steps // 2)  # warm-up steps
+    out = {}
+    for kind in kinds:
+        per_conv = {}
+        for conv_name, ns in spent[kind].items():
+            w = plain.get_submodule(conv_name).weight
+            s, g = kinds[kind](torch.rand(3, 3), w), torch.randn_like(w)
+            hot = []
+            for _ in range(200):
+                t0 = time.perf_counter_ns()
+                s.mul(g)
+                hot.append(time.perf_counter_ns() - t0)
+            per_conv[conv_name] = {"in_step_us": statistics.median(ns[skip:]) / 1e3,
+                                   "isolated_us": statistics.median(hot[20:]) / 1e3}
+        out[kind] = {"per_conv": per_conv, "sum_in_step_us": sum(v["in_step_us"] for v in per_conv.values()),
+                     "sum_isolated_us": sum(v["isolated_us"] for v in per_conv.values())}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--convs", type=int, default=30)
@@ -60,7 +115,21 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1000, help="interleaved forward+backward runs of each variant")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
+    p.add_argument("--in-model", choices=["resnet18", "vgg11_bn"], default=None,
+                   help="time the multiplication inside training steps of this proxy model instead (CPU)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per variant with --in-model")
     args = p.parse_args(argv)
+    if args.in_model:
+        if args.device != "cpu":
+            p.error("--in-model times ops inside the backward pass with the host clock: CPU only")
+        torch.set_num_threads(1)
+        results = in_model(args.in_model, args.steps)
+        emit(args, results, args.json)
+        print(f"\n{args.in_model}: the gradient multiplication per step, summed over its 3x3 convs (us)")
+        for kind, r in results.items():
+            print(f"  S {kind:<5} inside the step {r['sum_in_step_us']:8.1f}   same op in isolation "
+                  f"{r['sum_isolated_us']:8.1f}")
+        return 0
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:

@@ -2,6 +2,7 @@
 
 Variants (each its own copy of the same initial model, SGD momentum):
   plain              the untransformed model
+  plain_again        a second copy of it, timed like the others: its ratio is the run's noise floor
   sgs                sgs_fx.transform + random S (the gradient hook on each weight)
   sgs_per_use        the same, forced to scale per use (the autograd function of sgs_fx 0.1)
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
@@ -82,7 +83,8 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     scales = _random_scales(sgs)
     sgs_fx.set_scales(sgs, scales)
     per_use = per_use_copy(sgs)
-    variants = {"plain": plain, "sgs": sgs, "sgs_per_use": per_use, "official": copy.deepcopy(plain)}
+    variants = {"plain": plain, "plain_again": copy.deepcopy(plain), "sgs": sgs, "sgs_per_use": per_use,
+                "official": copy.deepcopy(plain)}
     if branches:
         variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")
     if compile_:

@@ -68,14 +68,17 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
     _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
          "--warmup", "1", "--json", str(tmp_path / "o.json"))
     res = json.loads((tmp_path / "o.json").read_text())["results"]["vgg11_bn"]
-    assert {"plain", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
+    assert {"plain", "plain_again", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
 
 
 def test_hook_cost_smoke(tmp_path):
     _run("benchmarks/hook_cost.py", "--convs", "3", "--samples", "4", "--json", str(tmp_path / "h.json"))
+    _run("benchmarks/hook_cost.py", "--in-model", "vgg11_bn", "--steps", "3", "--json", str(tmp_path / "m.json"))
     res = json.loads((tmp_path / "h.json").read_text())["results"]
     assert {"plain", "sgs_hook", "noop_hook", "sgs_per_use", "foreach_after"} <= set(res)
     assert res["plain"]["extra_per_conv_us"] == 0 and len(res["sgs_hook"]["extra_per_conv_us_ci95"]) == 2
+    in_model = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert set(in_model) == {"kxk", "full"} and len(in_model["kxk"]["per_conv"]) == 8  # VGG-11-BN's 3x3 convs
 
 
 def test_median_ci_brackets_the_median_and_narrows_with_more_data():
