@@ -176,7 +176,7 @@ def test_unpaired_outputs_compare_the_first_and_say_so(caplog):
 
     report = ExportReport(path="m.onnx", opset=20, exporter="dynamo", op_counts={})
     with caplog.at_level("WARNING", logger="sgs_fx"):
-        _compare(model, OneExtraOutput(), torch.randn(1, 3, 8, 8), (1, 3), report)
+        _compare(model, OneExtraOutput(), (torch.randn(1, 3, 8, 8),), (1, 3), report)
     # pairing by position would have compared the sum with the extra zero and failed
     assert report.outputs == (2, 3) and report.passed and report.max_abs_diff == {1: 0.0, 3: 0.0}
     assert "only the first compared" in str(report) and "only the first is compared" in caplog.text
