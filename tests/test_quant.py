@@ -146,7 +146,7 @@ def test_export_int8_qdq_onnx_checked_by_onnxruntime(trained_qat, data, tmp_path
 
 def test_agreement_below_threshold_raises_and_keeps_the_file(trained_qat, data, tmp_path):
     path = tmp_path / "int8.onnx"
-    with pytest.raises(ValueError, match=r"check_input must be a tensor shaped \(N, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"check_input must be shaped like example_input, \(N, 3, 32, 32\) with one N; got \(4, 3, 16, 32\)"):
         sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:4, :, :16])
     with pytest.raises(sgs_fx.ExportMismatchError, match="agrees on top-1 below min_agreement") as info:
         sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:64], min_agreement=1.01)
@@ -298,3 +298,24 @@ def test_zero_batchnorm_scale_is_refused_before_it_turns_to_nan():
     nn.init.zeros_(model.branch[1].weight)  # zero-initialised last BN of a residual branch (timm's default)
     with pytest.raises(ValueError, match=r"gamma\) is exactly 0 in 1 fused conv-BN layer\(s\): branch.0 \(8 channels"):
         sgs_fx.prepare_qat(model, torch.randn(2, 3, 8, 8))
+
+
+class _TwoImages(nn.Module):
+    """A classifier of an image pair (e.g. a change detector): each image through its own conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, before, after):
+        return self.head(torch.relu(self.a(before) - self.b(after)).mean((2, 3)))
+
+
+def test_int8_export_of_a_two_input_model_checks_agreement_on_pairs(tmp_path):
+    torch.manual_seed(0)
+    before, after = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    qat = sgs_fx.prepare_qat(_TwoImages(), (before[:2], after[:2]))
+    qat(before, after)  # calibrate the observers
+    report = sgs_fx.export_onnx(qat, tmp_path / "pair.onnx", (before[:1], after[:1]), check_input=(before, after))
+    assert report.quantized and report.passed and report.checked == 64 and report.ort_ops.get("QLinearConv", 0) == 2
