@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import sgs_fx
 import sgs_fx.train as train_mod
 from sgs_fx.cli import main
 from sgs_fx.train import TrainConfig, train
@@ -15,8 +16,12 @@ SMALL = dict(model="vgg11_bn", width=0.0625, epochs=3, batch_size=64, data="synt
              progress=False)
 
 
-def test_cli_end_to_end(tmp_path, capsys):
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    examples = []
+    real_export = sgs_fx.export_onnx
+    monkeypatch.setattr(sgs_fx, "export_onnx", lambda model, path, x, **kw: examples.append(x) or real_export(
+        model, path, x, **kw))
     rc = main(["train", "--data", "synthetic", "--model", "vgg11_bn", "--width", "0.0625", "--epochs", "3",
                "--batch-size", "64", "--every", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -24,6 +29,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[-1]["train_loss"] < rows[0]["train_loss"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx"]["passed"] and (out / "model.onnx").exists()
+    # the ONNX check draws inputs around the example's statistics: real (normalised) images, not a constant
+    assert len(examples) == 1 and examples[0].std() > 0.5
+    assert set(summary["onnx"]["output_scale"]) == set(summary["onnx"]["allowed"]) == {"1", "3"}
     assert (out / "curves.png").exists() and (out / "scales.png").exists()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["onnx"]["passed"]
     # export the checkpoint again through the CLI
