@@ -178,3 +178,87 @@ def test_ddp_two_gloo_processes_match_single_process():
     (model(x).pow(2).sum() / 2).backward()
     single = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (ranks[0] - single).abs().max().item() <= 1e-10
+
+
+class _DetachAlias(torch.autograd.Function):
+    """``a + b``; backward gives ``b`` a tensor sharing the memory of ``a``'s gradient."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.detach()
+
+
+def _scaled_in_place(make_loss):
+    """Run SGS's hook on a weight between two pointer probes: (weight, other, S, G, whether it was in place)."""
+    from sgs_fx.ops import _scaling_hook
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    other = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = torch.autograd.grad(make_loss(x, w, other), w)[0]  # G, no hook yet
+    ptrs = []
+    w.register_hook(lambda g: ptrs.append(g.data_ptr()))  # keeps no reference: the engine still holds G alone
+    w.register_hook(_scaling_hook(s))
+    w.register_hook(lambda g: ptrs.append(g.data_ptr()))
+    make_loss(x, w, other).backward()
+    assert torch.equal(w.grad, s * expected)
+    return w, other, s, expected, ptrs[0] == ptrs[1]
+
+
+def test_hook_scales_in_place_only_where_the_engine_holds_the_gradient_alone():
+    from sgs_fx.ops import _sole_owner
+
+    assert _sole_owner() is not None  # the probe tells sole from shared gradients on this torch
+    conv = torch.nn.functional.conv2d
+    *_, in_place = _scaled_in_place(lambda x, w, o: conv(x, w).square().sum())
+    assert in_place  # the common case: a conv's fresh weight gradient
+    # w + other: AddBackward hands both the same tensor; other's gradient must stay G, unscaled
+    _, other, _, g, in_place = _scaled_in_place(lambda x, w, o: conv(x, w + o).square().sum())
+    assert not in_place and torch.equal(other.grad, g)
+    # a backward that gives other a tensor sharing the memory of w's gradient
+    _, other, _, g, in_place = _scaled_in_place(lambda x, w, o: conv(x, _DetachAlias.apply(w, o)).square().sum())
+    assert not in_place and torch.equal(other.grad, g)
+    # an earlier hook of the user's keeps G: it must stay G
+    from sgs_fx.ops import _scaling_hook
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    kept = []
+    w.register_hook(kept.append)
+    w.register_hook(_scaling_hook(s))
+    conv(torch.randn(2, 3, 6, 6, dtype=torch.float64), w).sum().backward()
+    assert torch.equal(w.grad, s * kept[0]) and w.grad.data_ptr() != kept[0].data_ptr()
+    # w.sum(): the gradient is an expanded view of one number, written in place it would be S[0,0] everywhere
+    _, _, s, g, in_place = _scaled_in_place(lambda x, w, o: w.sum() * 3)
+    assert not in_place and torch.equal(g, torch.full_like(g, 3.0))
+
+
+def test_hook_under_create_graph_scales_and_keeps_second_derivatives():
+    from sgs_fx.ops import _scaling_hook
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(3, 3, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    loss = lambda: torch.nn.functional.conv2d(x, w).pow(3).sum()  # noqa: E731
+    (g,) = torch.autograd.grad(loss(), w, create_graph=True)
+    (expected,) = torch.autograd.grad((s * g).square().sum(), w)  # the gradient penalty of S * G
+    w.register_hook(_scaling_hook(s))
+    (scaled,) = torch.autograd.grad(loss(), w, create_graph=True)
+    assert torch.equal(scaled, s * g)
+    (got,) = torch.autograd.grad(scaled.square().sum(), w)
+    assert torch.equal(got, s * expected)  # the second backward passes through the hook once more
+
+
+def test_ownership_probe_turns_in_place_off_where_counts_do_not_tell_sharing_apart(monkeypatch):
+    import sgs_fx.ops as ops
+
+    assert ops._sole_owner.__wrapped__() == ops._sole_owner()  # the cached answer is the probe's
+    monkeypatch.setattr(ops, "_ownership", lambda grad: (1, 1, 1))  # an engine where sharing does not show
+    assert ops._sole_owner.__wrapped__() is None
