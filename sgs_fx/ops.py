@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import sys
 import weakref
 
 import torch
@@ -81,90 +80,6 @@ def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def _mul_cast(scale: Tensor, grad: Tensor) -> Tensor:
     return grad * scale.to(grad.dtype)
-
-
-_storage_use_count = torch._C._storage_Use_Count
-
-
-def _ownership(grad: Tensor) -> tuple[int, int, int]:
-    """References to ``grad`` from C++, to its storage, and to its Python object, seen from inside a hook.
-
-    All three: C++ holders (another input's buffer) do not show in the Python count, and Python holders (a
-    list an earlier hook appended it to) share one C++ reference, the Python object's.
-    """
-    return grad._use_count(), _storage_use_count(grad.untyped_storage()._cdata), sys.getrefcount(grad)
-
-
-class _Alias(torch.autograd.Function):
-    """``a + b`` whose backward hands ``b`` an alias of ``a``'s gradient (same storage, another tensor)."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        return a + b
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, grad.detach()
-
-
-@functools.lru_cache(maxsize=None)
-def _sole_owner() -> tuple[int, int, int] | None:
-    """The ``_ownership`` counts a weight gradient has in its hook when the engine alone holds it, or None.
-
-    Measured once on this torch (the counts are engine internals) against the three ways a gradient can be
-    shared: the same tensor passed on to another input (``w + v``: ``AddBackward`` gives both the same one),
-    a tensor sharing its storage (a backward returning ``grad.detach()`` for another input), and a Python
-    reference kept by an earlier hook. Where the sole-owner counts do not tell all three apart, in-place
-    scaling is off.
-    """
-    seen = []
-    w = torch.zeros(2, 1, 3, 3, requires_grad=True)
-    v = torch.zeros(2, 1, 3, 3, requires_grad=True)
-    x = torch.ones(1, 1, 3, 3)
-    kept, keeping = [], [False]
-    keep = w.register_hook(lambda g: kept.append(g) if keeping[0] else None)
-    record = w.register_hook(lambda g: seen.append(_ownership(g)))
-    conv = torch.nn.functional.conv2d
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            conv(x, w).sum().backward()
-            conv(x, w + v).sum().backward()
-            conv(x, _Alias.apply(w, v)).sum().backward()
-            keeping[0] = True
-            conv(x, w).sum().backward()
-    except Exception:  # pragma: no cover - a torch whose engine cannot run this probe: stay out-of-place
-        return None
-    finally:
-        keep.remove()
-        record.remove()
-    if len(seen) != 4:
-        return None
-    sole, passed_on, aliased, kept_by_hook = seen
-    if passed_on[0] > sole[0] and aliased[1] > sole[1] and kept_by_hook[2] > sole[2]:
-        return sole
-    return None
-
-
-def _scaling_hook(scale: Tensor):
-    """The weight's gradient hook: ``S ⊙ G``, into G's own memory where nothing else can see it.
-
-    In place only when the engine holds G and its storage alone (the counts of ``_sole_owner``), the
-    condition under which the engine itself sums gradients in place: a view (its base holds the storage too),
-    a tensor passed on to another input, one saved for a double backward (saved tensors share the storage)
-    or kept by an earlier hook all fail it. Otherwise, and on a torch where the probe is inconclusive,
-    ``S.mul(G)``, a new tensor. Same bits either way; in place saves the allocation and a write to cold
-    memory right after the conv's backward kernel (BENCHMARKS.md).
-    """
-    sole = _sole_owner()
-    if sole is None:
-        return scale.mul
-
-    def scale_grad_hook(grad: Tensor, scale=scale, sole=sole, ownership=_ownership) -> Tensor:
-        if ownership(grad) == sole:
-            return grad.mul_(scale)
-        return scale.mul(grad)
-
-    return scale_grad_hook
 
 
 class _HookState:
@@ -246,9 +161,9 @@ def attach_hook(conv: nn.Module) -> None:
             conv.__dict__["_sgs_per_use"] = True
     handle = None
     if not conv.__dict__.get("_sgs_per_use", False):
-        # S ⊙ G in place where only the engine holds G, else S.mul(G): the same bits (multiplication
-        # commutes), and the gradient's memory format either way.
-        fn = _scaling_hook(s) if s.dtype == w.dtype else functools.partial(_mul_cast, s)
+        # S.mul(grad): a bound C method with a positional argument, half the call cost of a keyword partial;
+        # the product is the same bits (multiplication commutes) and keeps the gradient's memory format.
+        fn = s.mul if s.dtype == w.dtype else functools.partial(_mul_cast, s)
         if w.requires_grad:
             handle = _register(w, fn)
         elif w.grad_fn is None and not w.is_inference():
