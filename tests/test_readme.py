@@ -32,3 +32,41 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     s = ckpt["sgs"]["scales"]["layer1.0.conv1"]
     assert s.shape == (3, 3) and not torch.equal(s, torch.ones_like(s)), "epoch 1 calibrates S from the data"
     assert "EQUIVALENT" in out and "PASSED" in out
+
+
+def _int8_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## INT8 deployment", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks, "README.md: no python block under '## INT8 deployment'"
+    return blocks[0]
+
+
+@pytest.mark.slow
+def test_readme_int8_block_runs(tmp_path, monkeypatch, capsys):
+    from sgs_fx.models import build_model
+
+    torch.manual_seed(0)
+    images = torch.randn(96, 3, 32, 32)
+    labels = torch.randint(0, 10, (96,))
+    loader = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
+    model = build_model("vgg11_bn", width=0.125)
+    namespace = {"sgs_fx": __import__("sgs_fx"), "model": model, "float_model": model, "x": images[:32],
+                 "train_loader": loader, "val_images": images}
+    qat_part, ptq_part = _int8_block().split("\nptq = ", 1)
+    before_export, export = qat_part.split("\nreport = ", 1)
+    monkeypatch.chdir(tmp_path)  # the block writes int8.onnx and ptq_int8.onnx into the working directory
+    exec(compile(before_export, "README.md INT8 block", "exec"), namespace)
+    # "...train as usual": one epoch, with the scheduler the block made
+    qat, sched = namespace["qat"], namespace["sched"]
+    opt = torch.optim.SGD(qat.parameters(), lr=0.01, momentum=0.9)
+    sched.step(0)
+    for xb, yb in loader:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(qat(xb), yb).backward()
+        opt.step()
+    exec(compile("report = " + export + "\nptq = " + ptq_part, "README.md INT8 block", "exec"), namespace)
+    report = namespace["report"]
+    assert report.quantized and report.passed and report.ort_ops.get("QLinearConv", 0) == 8
+    assert (tmp_path / "int8.onnx").exists() and (tmp_path / "ptq_int8.onnx").exists()
+    assert "INT8 QDQ ONNX export" in capsys.readouterr().out
