@@ -250,8 +250,10 @@ def test_several_inputs_bad_input_is_named(tmp_path):
     inputs = (torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"dim 0 is the batch, and they must agree.*dynamic_batch=False"):
         sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1][:1], inputs[2]))
-    with pytest.raises(TypeError, match="tensor or a tuple of tensors.*got list of int, int"):
-        sgs_fx.export_onnx(model, tmp_path / "m.onnx", [1, 2])
+    with pytest.raises(TypeError, match="tensor or a tuple of tensors.*got tuple of int, int"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", (1, 2))
+    with pytest.raises(TypeError, match="is a list; pass a tuple of tensors"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", list(inputs))
     with pytest.raises(ValueError, match=r"check_input must be shaped like example_input, \(N, 3, 8, 8\), "
                                          r"\(N, 3, 8, 8\), \(N\) with one N; got \(4, 3, 8, 8\)"):
         sgs_fx.export_onnx(model, tmp_path / "m.onnx", inputs, check_input=torch.randn(4, 3, 8, 8))

@@ -304,13 +304,16 @@ def _session(path: str, report: ExportReport):
 
 
 def _as_inputs(value, what: str) -> tuple[Tensor, ...]:
-    """A tensor or a tuple/list of tensors, as a tuple of detached CPU tensors (the model's positional inputs)."""
+    """A tensor or a tuple of tensors, as a tuple of detached CPU tensors (the model's positional inputs)."""
     if isinstance(value, Tensor):
         return (value.detach().cpu(),)
-    if isinstance(value, (tuple, list)) and value and all(isinstance(t, Tensor) for t in value):
+    if isinstance(value, tuple) and value and all(isinstance(t, Tensor) for t in value):
         return tuple(t.detach().cpu() for t in value)
-    got = type(value).__name__ if not isinstance(value, (tuple, list)) else \
-        f"{type(value).__name__} of {', '.join(type(t).__name__ for t in value) or 'nothing'}"
+    if isinstance(value, list):  # one list argument (detection models) or positional inputs? Not guessed.
+        raise TypeError(f"export_onnx: {what} is a list; pass a tuple of tensors, the model's positional inputs "
+                        "(a model taking a list of tensors as one argument cannot be checked by export_onnx)")
+    got = type(value).__name__ if not isinstance(value, tuple) else \
+        f"tuple of {', '.join(type(t).__name__ for t in value) or 'nothing'}"
     raise TypeError(f"export_onnx: {what} must be a tensor or a tuple of tensors (the model's positional inputs), "
                     f"got {got}")
 
