@@ -261,3 +261,23 @@ def test_several_inputs_bad_input_is_named(tmp_path):
         sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1], inputs[2] + 10))
     report = sgs_fx.export_onnx(model, tmp_path / "fixed.onnx", inputs, dynamic_batch=False)
     assert report.passed and list(report.max_abs_diff) == [2]
+
+
+class ImageAndOffsets(nn.Module):
+    """An image batch and a per-channel offset vector without a batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, image, offsets):
+        return self.conv(image) + offsets.view(1, -1, 1, 1)
+
+
+def test_fixed_shape_export_feeds_each_input_its_own_shape(tmp_path):
+    model = sgs_fx.transform(ImageAndOffsets())
+    inputs = (torch.randn(2, 3, 8, 8), torch.randn(4))
+    with pytest.raises(ValueError, match="dim 0 is the batch"):
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", inputs)
+    report = sgs_fx.export_onnx(model, tmp_path / "fixed.onnx", inputs, dynamic_batch=False)
+    assert report.passed and list(report.max_abs_diff) == [2]

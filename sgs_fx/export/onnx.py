@@ -180,6 +180,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     plain = strip(model).eval().cpu()
     quantized = has_quantization(plain)
     if quantized:
+        if len({len(x) if x.dim() else 1 for x in xs}) > 1:
+            raise ValueError(f"export_onnx: the quantized check runs batches of inputs, and these inputs do not "
+                             f"share dim 0 ({_shapes(xs)}); give the model inputs with a shared batch dim")
         check_quantized(plain)
         freeze(plain)  # no forward below (fit check, comparisons) may move the ranges being exported
     try:
@@ -196,7 +199,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto), atol=atol,
                           rtol=rtol, fallback_reason=reason, quantized=quantized, min_agreement=min_agreement,
                           size_bytes=file_size(path, proto))
-    sizes = tuple(check_batch_sizes) if dynamic_batch else (len(xs[0]),)
+    sizes = tuple(check_batch_sizes) if dynamic_batch else (None,)  # None: the example's own shapes
     session = _session(path, report)
     _compare(plain, session, xs, sizes, report)
     if quantized:
@@ -338,16 +341,17 @@ def _check_like(check: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> tuple[Tens
     return check
 
 
-def _random_like(x: Tensor, batch: int, g: torch.Generator) -> Tensor:
-    """A batch of inputs drawn like ``x``: floats around its mean and std, integers in its range."""
-    shape = (batch, *x.shape[1:])
-    if x.dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    if not (x.is_floating_point() or x.is_complex()):  # integers: ids, labels
-        low, high = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
-        return torch.randint(low, high + 1, shape, generator=g, dtype=x.dtype)
+def _random_like(x: Tensor, batch: int | None, g: torch.Generator) -> Tensor:
+    """Inputs drawn like ``x`` (``batch`` of them; None: x's own shape): floats around its mean and std,
+    integers in its range."""
+    shape = tuple(x.shape) if batch is None else (batch, *x.shape[1:])
     if x.is_complex():
         raise TypeError(f"export_onnx: a complex input ({x.dtype}) cannot be fed to onnxruntime")
+    if x.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if not x.is_floating_point():  # integers: ids, labels
+        low, high = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        return torch.randint(low, high + 1, shape, generator=g, dtype=x.dtype)
     real = x if x.dtype in (torch.float32, torch.float64) else x.float()
     std = real.std().clamp(min=1e-3) if x.numel() > 1 else torch.ones((), dtype=real.dtype)  # one value: no spread
     mean = real.mean() if x.numel() else torch.zeros((), dtype=real.dtype)
@@ -401,6 +405,7 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
     g = torch.Generator().manual_seed(0)
     for b in sizes:
         xb = tuple(_random_like(x, b, g) for x in xs)
+        b = b if b is not None else (len(xs[0]) if xs[0].dim() else 1)  # the report's key: the batch size
         with torch.no_grad():
             expected = [t.numpy() for t in _output_tensors(model(*xb))]
         got = session.run(None, _feed(session, xb))
