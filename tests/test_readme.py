@@ -8,11 +8,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick_start() -> str:
+def _python_block(heading: str) -> str:
+    """The first python code block under the README's section ``## <heading>``."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "README.md: no python block under '## Quick start'"
+    assert blocks, f"README.md: no python block under '## {heading}'"
     return blocks[0]
 
 
@@ -24,7 +25,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     namespace = {"train_loader": data, "epochs": 2, "loss_fn": torch.nn.functional.cross_entropy,
                  "batches": [x for x, _ in data]}
     monkeypatch.chdir(tmp_path)  # it writes ckpt.pt and model.onnx into the working directory
-    exec(compile(_quick_start(), "README.md quick start", "exec"), namespace)
+    exec(compile(_python_block("Quick start"), "README.md quick start", "exec"), namespace)
     out = capsys.readouterr().out
     assert namespace["report"].passed and (tmp_path / "model.onnx").exists() and (tmp_path / "ckpt.pt").exists()
     ckpt = torch.load(tmp_path / "ckpt.pt")
@@ -32,14 +33,6 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     s = ckpt["sgs"]["scales"]["layer1.0.conv1"]
     assert s.shape == (3, 3) and not torch.equal(s, torch.ones_like(s)), "epoch 1 calibrates S from the data"
     assert "EQUIVALENT" in out and "PASSED" in out
-
-
-def _int8_block() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## INT8 deployment", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "README.md: no python block under '## INT8 deployment'"
-    return blocks[0]
 
 
 @pytest.mark.slow
@@ -53,7 +46,7 @@ def test_readme_int8_block_runs(tmp_path, monkeypatch, capsys):
     model = build_model("vgg11_bn", width=0.125)
     namespace = {"sgs_fx": __import__("sgs_fx"), "model": model, "float_model": model, "x": images[:32],
                  "train_loader": loader, "val_images": images}
-    qat_part, ptq_part = _int8_block().split("\nptq = ", 1)
+    qat_part, ptq_part = _python_block("INT8 deployment").split("\nptq = ", 1)
     before_export, export = qat_part.split("\nreport = ", 1)
     monkeypatch.chdir(tmp_path)  # the block writes int8.onnx and ptq_int8.onnx into the working directory
     exec(compile(before_export, "README.md INT8 block", "exec"), namespace)
