@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sgs_fx  # noqa: E402
-from overhead import per_use_copy  # noqa: E402
+from overhead import per_use_copy, proxy_hw  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def in_model(name: str, steps: int) -> dict:
 
     torch.manual_seed(0)
     plain = build_model(name, width=0.125)
-    hw = 16 if name == "resnet18" else 32  # as overhead.py --dispatch-bound
+    hw = proxy_hw(name)
     kinds = {"kxk": lambda s, w: s, "full": lambda s, w: s.expand_as(w).contiguous()}
     models, spent = {}, {k: {} for k in kinds}
     for kind, shape_s in kinds.items():

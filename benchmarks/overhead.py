@@ -43,6 +43,11 @@ from sgs_fx.models import build_model  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 
+def proxy_hw(model: str) -> int:
+    """Input size of the host-bound proxy as issue 9 defines it: ResNet-18 at 16x16, VGG-11-BN at 32x32."""
+    return 16 if model == "resnet18" else 32
+
+
 class Setting:
     """Everything a regime fixes: sizes, device, precision, how a step is timed."""
 
@@ -50,7 +55,7 @@ class Setting:
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
         self.width, self.batch = args.width, args.batch
-        self.hw = args.hw if args.hw else (16 if (args.dispatch_bound and model == "resnet18") else 32)
+        self.hw = args.hw if args.hw else (proxy_hw(model) if args.dispatch_bound else 32)
         self.channels_last = self.cuda
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
         # One CPU thread: the thread's CPU time ignores the time other processes on a shared machine take

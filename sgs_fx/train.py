@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     if d.main:
         if cfg.export and len(history["metrics"]) == cfg.epochs:
             try:
-                summary["onnx"] = export_summary(_export(core, data, out, device))
+                summary["onnx"] = export_summary(_export(core, data, out))
             except sgs_fx.ExportMismatchError as exc:  # the run and its file stay; the summary says it failed
                 logger.warning("%s", exc)
                 summary["onnx"] = export_summary(exc.report)
@@ -310,7 +310,7 @@ def _wrap(core: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device):
     return model, mi
 
 
-def _export(core: nn.Module, data: Cifar10, out: Path, device) -> "sgs_fx.ExportReport":
+def _export(core: nn.Module, data: Cifar10, out: Path) -> "sgs_fx.ExportReport":
     from .export.qdq import has_quantization
 
     if has_quantization(core):  # QAT: INT8, checked on real test images (agreement needs real margins)
@@ -323,11 +323,11 @@ def _export(core: nn.Module, data: Cifar10, out: Path, device) -> "sgs_fx.Export
 def export_summary(report: "sgs_fx.ExportReport") -> dict:
     row = {"path": report.path, "passed": report.passed, "max_abs_diff": report.max_abs_diff,
            "exporter": report.exporter, "size_bytes": report.size_bytes, "quantized": report.quantized}
-    if not report.quantized:
-        row.update(output_scale=report.output_scale, allowed={b: report.tolerance(b) for b in report.max_abs_diff})
     if report.quantized:
         row.update(agreement=report.agreement, checked=report.checked, max_output_diff=report.max_output_diff,
                    int8_kernels={k: v for k, v in report.ort_ops.items() if k.startswith(("QLinear", "QGemm"))})
+    else:
+        row.update(output_scale=report.output_scale, allowed={b: report.tolerance(b) for b in report.max_abs_diff})
     return row
 
 

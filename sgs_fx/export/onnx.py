@@ -180,7 +180,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     plain = strip(model).eval().cpu()
     quantized = has_quantization(plain)
     if quantized:
-        if len({len(x) if x.dim() else 1 for x in xs}) > 1:
+        if len({_batch_size(x) for x in xs}) > 1:
             raise ValueError(f"export_onnx: the quantized check runs batches of inputs, and these inputs do not "
                              f"share dim 0 ({_shapes(xs)}); give the model inputs with a shared batch dim")
         check_quantized(plain)
@@ -321,6 +321,11 @@ def _as_inputs(value, what: str) -> tuple[Tensor, ...]:
                     f"got {got}")
 
 
+def _batch_size(x: Tensor) -> int:
+    """An input's dim 0, the batch (1 for a 0-d input)."""
+    return len(x) if x.dim() else 1
+
+
 def _shapes(xs: tuple[Tensor, ...]) -> str:
     return str(tuple(xs[0].shape)) if len(xs) == 1 else ", ".join(str(tuple(x.shape)) for x in xs)
 
@@ -395,7 +400,7 @@ def _agreement(model: nn.Module, session, xs: tuple[Tensor, ...], check_input: t
 
 
 def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport) -> None:
-    """Run both on random inputs shaped like ``x``; every output tensor is compared with its ONNX output.
+    """Run both on random inputs drawn like ``xs``; every output tensor is compared with its ONNX output.
 
     Per batch size the report keeps the output closest to its allowance (``atol + rtol * its max |value|``),
     so a small auxiliary output is not judged by the scale of a large main one.
@@ -405,7 +410,7 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
     g = torch.Generator().manual_seed(0)
     for b in sizes:
         xb = tuple(_random_like(x, b, g) for x in xs)
-        b = b if b is not None else (len(xs[0]) if xs[0].dim() else 1)  # the report's key: the batch size
+        b = b if b is not None else _batch_size(xs[0])  # the report's key
         with torch.no_grad():
             expected = [t.numpy() for t in _output_tensors(model(*xb))]
         got = session.run(None, _feed(session, xb))
