@@ -24,11 +24,12 @@ import inspect
 import itertools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import fx, nn
 
+from .batches import call, first_input, to_model
 from .export.qdq import is_fake_quant
 from .passes.strip import strip
 
@@ -181,7 +182,7 @@ def observers_frozen(model: nn.Module):
 
 
 def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, weight_bits: int = 7,
-                 qconfig_mapping=None, progress: bool = True) -> fx.GraphModule:
+                 qconfig_mapping=None, input_fn: Callable | None = None, progress: bool = True) -> fx.GraphModule:
     """Post-training quantization of a trained float model, as a fake-quant GraphModule ready for export.
 
     A stripped copy is prepared like QAT (Conv-BN folded with the running statistics, in eval), the
@@ -192,20 +193,26 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
         model: a float model (SGS-instrumented, branch mode or plain).
         batches: yields inputs, or (input, target) pairs, as training loaders do.
         num_batches: calibration batches (32 of 128 CIFAR images are plenty for histogram ranges).
+        input_fn: batch -> model input (default: the batch itself, or its first element); a tuple is the
+            model's positional inputs (``lambda b: (b["image"], b["mask"])``). Its tensors are moved to the
+            model's device.
     """
     from tqdm.auto import tqdm
 
     if num_batches < 1:
         raise ValueError(f"quantize_ptq: num_batches={num_batches!r}; calibration needs at least one batch")
     plain = strip(model)
-    device = next((p.device for p in plain.parameters()), torch.device("cpu"))
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:
         raise ValueError("quantize_ptq: `batches` is empty; pass a loader of training inputs to calibrate on")
-    x0 = _input(first).to(device)
+    input_fn = input_fn or first_input("quantize_ptq")
+    x0 = to_model(input_fn(first), plain)
+    if isinstance(x0, dict):
+        raise TypeError("quantize_ptq: input_fn returned a dict (keyword inputs); the quantized model is traced "
+                        "with positional inputs: return a tuple in the order of the model's arguments")
     qmap = _default_mapping(qat=False, weight_bits=weight_bits) if qconfig_mapping is None else qconfig_mapping
-    ptq = prepare_qat(plain, (x0,), qconfig_mapping=qmap).eval()
+    ptq = prepare_qat(plain, x0 if isinstance(x0, tuple) else (x0,), qconfig_mapping=qmap).eval()
     fakes = [m for m in ptq.modules() if is_fake_quant(m)]
     # Calibrate the float model: fake-quant off, each observer fed directly (FakeQuantize would otherwise
     # recompute the histogram's qparams at every call), qparams taken once at the end.
@@ -219,7 +226,7 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
             seen = 0
             bar = tqdm(total=num_batches, desc="PTQ calibration", leave=False, disable=None if progress else True)
             for batch in itertools.chain([first], iterator):
-                ptq(_input(batch).to(device))
+                call(ptq, to_model(input_fn(batch), ptq))
                 seen += 1
                 bar.update()
                 if seen >= num_batches:
@@ -238,9 +245,3 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
                        seen, num_batches)
     return ptq
 
-
-def _input(batch):
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"quantize_ptq: a batch must be a tensor or an (input, target) pair, got {type(x).__name__}")
-    return x

@@ -81,6 +81,13 @@ def test_hook_cost_smoke(tmp_path):
     assert set(in_model) == {"kxk", "full"} and len(in_model["kxk"]["per_conv"]) == 8  # VGG-11-BN's 3x3 convs
 
 
+def test_batched_scaling_experiment_is_exact_and_runs(tmp_path):
+    _run("benchmarks/batched_scaling.py", "--rounds", "2", "--inner", "1", "--json", str(tmp_path / "b.json"))
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert results["max_grad_error_float64"] == 0.0
+    assert {"plain", "sgs", "official", "batched"} <= set(results)
+
+
 def test_median_ci_brackets_the_median_and_narrows_with_more_data():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from report import median_ci

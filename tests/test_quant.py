@@ -55,6 +55,7 @@ from torch import nn  # noqa: E402
 
 from sgs_fx.data import synthetic_cifar, to_float  # noqa: E402
 from sgs_fx.export.qdq import QDQConv, UnsupportedQuantizationError, to_qdq  # noqa: E402
+from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +320,45 @@ def test_int8_export_of_a_two_input_model_checks_agreement_on_pairs(tmp_path):
     qat(before, after)  # calibrate the observers
     report = sgs_fx.export_onnx(qat, tmp_path / "pair.onnx", (before[:1], after[:1]), check_input=(before, after))
     assert report.quantized and report.passed and report.checked == 64 and report.ort_ops.get("QLinearConv", 0) == 2
+
+
+def _observer_of(graph_module, placeholder: str):
+    """The fake-quant module applied to a graph input."""
+    node = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.args
+                and getattr(n.args[0], "target", None) == placeholder and n.args[0].op == "placeholder")
+    return graph_module.get_submodule(node.target)
+
+
+def test_ptq_of_a_two_input_model_calibrates_each_input_on_its_own_data(tmp_path):
+    torch.manual_seed(0)
+    before, after = torch.randn(64, 3, 8, 8), 3 * torch.randn(64, 3, 8, 8) + 1  # different ranges
+    batches = [{"before": before[i:i + 16], "after": after[i:i + 16], "label": torch.zeros(16)}
+               for i in range(0, 64, 16)]
+    model = sgs_fx.transform(_TwoImages())
+    ptq = sgs_fx.quantize_ptq(model, batches, num_batches=2, input_fn=lambda b: (b["before"], b["after"]),
+                              progress=False)
+    for name, x in (("before", before), ("after", after)):
+        reference = torch.ao.quantization.HistogramObserver(dtype=torch.quint8, quant_min=0, quant_max=255,
+                                                           reduce_range=False)
+        reference(x[:16])
+        reference(x[16:32])
+        scale, zero_point = reference.calculate_qparams()
+        fq = _observer_of(ptq, name)
+        assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point), name
+    report = sgs_fx.export_onnx(ptq, tmp_path / "pair.onnx", (before[:1], after[:1]), check_input=(before, after))
+    assert report.quantized and report.passed and report.ort_ops.get("QLinearConv", 0) == 2
+    # scored against PyTorch's own top-1, onnxruntime's accuracy on the pairs is the report's agreement
+    with torch.no_grad():
+        labels = ptq(before, after).argmax(1)
+    pairs = [((before[:40], after[:40]), labels[:40]), ((before[40:], after[40:]), labels[40:])]
+    assert onnx_accuracy(report.path, pairs) == report.agreement
+    with pytest.raises(ValueError, match="takes 2 input.*gave 1"):
+        onnx_accuracy(report.path, [(before, labels)])
+
+
+def test_ptq_names_input_fn_when_it_cannot_read_a_batch():
+    batch = {"before": torch.randn(4, 3, 8, 8), "after": torch.randn(4, 3, 8, 8)}
+    with pytest.raises(TypeError, match="quantize_ptq cannot find the input.*input_fn="):
+        sgs_fx.quantize_ptq(_TwoImages(), [batch], progress=False)
+    with pytest.raises(TypeError, match="quantize_ptq: input_fn returned a dict.*return a tuple"):
+        sgs_fx.quantize_ptq(_TwoImages(), [batch], input_fn=lambda b: b, progress=False)

@@ -241,16 +241,23 @@ def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: 
 
 
 def onnx_accuracy(path: str | os.PathLike, batches) -> float:
-    """Top-1 accuracy of an ONNX classifier in onnxruntime (CPU, all optimisations) over (input, label) batches."""
+    """Top-1 accuracy of an ONNX classifier in onnxruntime (CPU, all optimisations) over (input, label) batches.
+
+    The input is a tensor, or a tuple of tensors for a model with several inputs (in the ONNX file's order).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     correct = total = 0
     for x, y in batches:
-        logits = session.run(None, {name: x.detach().cpu().numpy()})[0]
+        xs = _as_inputs(x, "a batch's input", "onnx_accuracy")
+        if len(xs) != len(names):
+            raise ValueError(f"onnx_accuracy: {os.fspath(path)} takes {len(names)} input(s) ({', '.join(names)}), "
+                             f"a batch gave {len(xs)}; give each batch as (inputs, labels), inputs a tuple")
+        logits = session.run(None, dict(zip(names, (t.numpy() for t in xs))))[0]
         correct += int((torch.from_numpy(logits).argmax(1) == y.cpu()).sum())
         total += len(y)
     if total == 0:
@@ -306,18 +313,18 @@ def _session(path: str, report: ExportReport):
     return session
 
 
-def _as_inputs(value, what: str) -> tuple[Tensor, ...]:
+def _as_inputs(value, what: str, who: str = "export_onnx") -> tuple[Tensor, ...]:
     """A tensor or a tuple of tensors, as a tuple of detached CPU tensors (the model's positional inputs)."""
     if isinstance(value, Tensor):
         return (value.detach().cpu(),)
     if isinstance(value, tuple) and value and all(isinstance(t, Tensor) for t in value):
         return tuple(t.detach().cpu() for t in value)
     if isinstance(value, list):  # one list argument (detection models) or positional inputs? Not guessed.
-        raise TypeError(f"export_onnx: {what} is a list; pass a tuple of tensors, the model's positional inputs "
-                        "(a model taking a list of tensors as one argument cannot be checked by export_onnx)")
+        raise TypeError(f"{who}: {what} is a list; pass a tuple of tensors, the model's positional inputs "
+                        f"(a model taking a list of tensors as one argument cannot be checked by {who})")
     got = type(value).__name__ if not isinstance(value, tuple) else \
         f"tuple of {', '.join(type(t).__name__ for t in value) or 'nothing'}"
-    raise TypeError(f"export_onnx: {what} must be a tensor or a tuple of tensors (the model's positional inputs), "
+    raise TypeError(f"{who}: {what} must be a tensor or a tuple of tensors (the model's positional inputs), "
                     f"got {got}")
 
 

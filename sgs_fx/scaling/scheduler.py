@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from ..batches import call, first_input, to_model
 from ..ops import is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
 from ..passes.functional import ObserveFunctionalConvs
@@ -24,41 +24,6 @@ from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, _check_hyper
 
 logger = logging.getLogger("sgs_fx")
-
-
-def _to_model(inputs, model: nn.Module):
-    """Every tensor in ``inputs`` (any nesting of lists, tuples, dicts) on the model's device; floating
-    tensors in the model's floating dtype (a bf16 model gets bf16 inputs; integer ids stay integers)."""
-    params = [p for p in model.parameters() if p.is_floating_point()] or list(model.buffers())
-    device = params[0].device if params else torch.device("cpu")
-    dtype = params[0].dtype if params and params[0].is_floating_point() else None
-
-    def move(t):
-        if not isinstance(t, Tensor):
-            return t
-        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-
-    return tree_map(move, inputs)
-
-
-def _call(model: nn.Module, inputs):
-    """A tuple is the positional arguments, a dict the keyword arguments, anything else the one argument."""
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _default_input(batch):
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(
-        f"MIScheduler cannot find the input in a batch of type {type(batch).__name__}; "
-        "pass input_fn=lambda batch: <the model input>"
-    )
 
 
 class MIScheduler:
@@ -101,7 +66,7 @@ class MIScheduler:
         self.model, self.loader = model, loader
         self.k, self.every, self.warmup, self.batches = k, int(every), int(warmup), int(batches)
         self.zero_removal, self.floor = zero_removal, floor
-        self.input_fn = input_fn or _default_input
+        self.input_fn = input_fn or first_input("MIScheduler")
         self.progress = progress
         self.keep_bytes = int(keep_bytes)
         self.last_epoch: int | None = None
@@ -169,7 +134,7 @@ class MIScheduler:
     def _draw_inputs(self, root: nn.Module) -> list:
         inputs = []
         for batch in self.loader:
-            inputs.append(_to_model(self.input_fn(batch), root))
+            inputs.append(to_model(self.input_fn(batch), root))
             if len(inputs) == self.batches:
                 break
         if not inputs:
@@ -211,7 +176,7 @@ class MIScheduler:
             show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
             with ObserveFunctionalConvs(functional) if functional else contextlib.nullcontext():
                 for i, x in enumerate(tqdm(inputs, desc=desc, disable=not show, leave=False)):
-                    _call(root, x)
+                    call(root, x)
                     if after_batch is not None:
                         after_batch(i)
         finally:
