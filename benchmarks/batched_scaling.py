@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    setting = argparse.Namespace(device="cpu", width=0.125, batch=8, hw=None, dispatch_bound=True)
+    setting = argparse.Namespace(device="cpu", width=overhead.PROXY_WIDTH, batch=overhead.PROXY_BATCH, hw=None,
+                                 dispatch_bound=True)
     st = overhead.Setting(setting, args.model)
     variants, steps = overhead.make_variants(args.model, st, compile_=False, branches=False)
     del variants["sgs_per_use"], steps["sgs_per_use"]

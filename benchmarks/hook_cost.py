@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sgs_fx  # noqa: E402
-from overhead import per_use_copy, proxy_hw  # noqa: E402
+from overhead import PROXY_BATCH, PROXY_WIDTH, per_use_copy, proxy_hw  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def in_model(name: str, steps: int) -> dict:
     from sgs_fx.models import build_model
 
     torch.manual_seed(0)
-    plain = build_model(name, width=0.125)
+    plain = build_model(name, width=PROXY_WIDTH)
     hw = proxy_hw(name)
     kinds = {"kxk": lambda s, w: s, "full": lambda s, w: s.expand_as(w).contiguous()}
     models, spent = {}, {k: {} for k in kinds}
@@ -83,7 +83,7 @@ def in_model(name: str, steps: int) -> dict:
 
                 conv.weight.register_hook(hook)
         models[kind] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4))
-    x, y = torch.randn(8, 3, hw, hw), torch.randint(0, 10, (8,))
+    x, y = torch.randn(PROXY_BATCH, 3, hw, hw), torch.randint(0, 10, (PROXY_BATCH,))
     for i in range(steps):
         for model, opt in models.values():
             opt.zero_grad(set_to_none=True)

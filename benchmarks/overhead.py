@@ -43,6 +43,9 @@ from sgs_fx.models import build_model  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 
+PROXY_WIDTH, PROXY_BATCH = 0.125, 8  # the host-bound proxy of issue 9 (with one thread and proxy_hw)
+
+
 def proxy_hw(model: str) -> int:
     """Input size of the host-bound proxy as issue 9 defines it: ResNet-18 at 16x16, VGG-11-BN at 32x32."""
     return 16 if model == "resnet18" else 32
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     if args.dispatch_bound:
         torch.set_num_threads(1)
-    defaults = ((0.125, 8, 201, 3) if args.dispatch_bound else (1.0, 128, 21, 10) if cuda else (1.0, 64, 15, 1))
+    defaults = ((PROXY_WIDTH, PROXY_BATCH, 201, 3) if args.dispatch_bound else (1.0, 128, 21, 10) if cuda else (1.0, 64, 15, 1))
     for attr, value in zip(("width", "batch", "rounds", "inner"), defaults):
         if getattr(args, attr) is None:
             setattr(args, attr, value)
