@@ -143,6 +143,8 @@ def _deepcopy_without_hook(module: nn.Module, memo: dict) -> nn.Module:
 
 def attach_hook(conv: nn.Module) -> None:
     """(Re)attach ``conv``'s gradient hook to its current weight Parameter (or graph node's parameter) and S."""
+    if "_sgs_replica" in conv.__dict__:
+        return  # a DataParallel replica: the original module holds the hook (see _replicate)
     detach_hook(conv)
     w = _target_of(conv)
     s = conv._buffers.get(SCALE_BUFFER)
@@ -152,6 +154,15 @@ def attach_hook(conv: nn.Module) -> None:
         other = _OWNERS.get(id(w))
         other = other() if other is not None else None
         if other is not None and other is not conv and is_sgs_conv(other) and _target_of(other) is w:
+            for a, b in ((conv, other), (other, conv)):
+                # neither an F.conv call (no module runs it) nor torch's parametrization can be scaled per use
+                if a.__dict__.get("_sgs_functional") or isinstance(a, _SGSParametrizedMixin):
+                    what = "an instrumented F.conv call" if a.__dict__.get("_sgs_functional") else \
+                        f"the parametrized {type(a).__name__}"
+                    raise RuntimeError(
+                        f"sgs_fx: {type(b).__name__} and {what} now share one weight, which SGS cannot scale per "
+                        "use; tie the weights before sgs_fx.transform (an F.conv call then shares the conv's S), "
+                        "or strip, tie and transform again")
             logger.warning(
                 "sgs_fx: the SGS convs %s and %s share one weight Parameter; each now scales its own use "
                 "(the weight's gradient is S1*G1 + S2*G2), at the cost of an autograd function per call",
@@ -216,6 +227,29 @@ def _keep_scale(conv: nn.Module, old: Tensor | None) -> None:
     conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
 
 
+def _replicate(module: nn.Module, make_replica) -> nn.Module:
+    """``nn.DataParallel``'s replica of an SGS module (it replicates every module at every forward).
+
+    A replica computes with broadcast copies of the weight, and autograd sums their gradients into the
+    original Parameter, where the original's hook scales the sum once. So a replica leaves the hook alone
+    (its ``__dict__`` starts as a shallow copy of the original's: re-attaching "its" hook would remove the
+    original's, and S would be lost unseen) and scales per use only where the original does (tied or
+    computed weights), with its own broadcast copy of S.
+    """
+    if not _attached_for(module, _target_of(module)):
+        attach_hook(module)  # the original's forward, which would re-check, does not run under DataParallel
+    state = module.__dict__.get("_sgs_hook")
+    per_use = module.__dict__.get("_sgs_per_use", False) or state is None or not state.hooked
+    replica = make_replica()
+    replica.__dict__.pop("_sgs_hook", None)
+    replica.__dict__["_sgs_replica"] = "per_use" if per_use else "hooked"
+    return replica
+
+
+def _replica_weight(conv: nn.Module, w: Tensor) -> Tensor:
+    return scale_grad(w, conv._buffers[SCALE_BUFFER]) if conv.__dict__["_sgs_replica"] == "per_use" else w
+
+
 def _refuse_foreign_trace(conv: nn.Module) -> None:
     # sgs_fx's own tracer keeps SGS convs as leaves; anyone else's fx trace (prepare_qat_fx, symbolic_trace)
     # would inline the conv and leave a graph that nothing instruments any more: S silently gone.
@@ -243,6 +277,8 @@ class SGSConvMixin:
         return self._sgs_weight_slow(w)
 
     def _sgs_weight_slow(self, w: Tensor | None) -> Tensor:
+        if "_sgs_replica" in self.__dict__:
+            return _replica_weight(self, self.weight)
         if w is not None and not isinstance(w, nn.Parameter):
             # torch.func.functional_call & co. put a plain tensor in for one call: scale that use, and leave
             # the Parameter's hook where it is (a compiled forward after the call still relies on it).
@@ -277,6 +313,9 @@ class SGSConvMixin:
         super()._load_from_state_dict(*args, **kwargs)
         attach_hook(self)  # load_state_dict(assign=True) puts new Parameter objects in place
 
+    def _replicate_for_data_parallel(self):
+        return _replicate(self, super()._replicate_for_data_parallel)
+
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
         if name in ("weight", SCALE_BUFFER) and SCALE_BUFFER in self.__dict__.get("_buffers", {}):
@@ -309,16 +348,28 @@ class _SGSOwnForwardMixin(SGSConvMixin):
 
     @property
     def weight(self):
-        w = self._parameters["weight"]
+        w = self._parameters.get("weight")
+        if w is None:
+            w = self.__dict__.get("weight")  # a DataParallel replica's broadcast copy
         if self.__dict__.get("_sgs_in_forward", False):
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         return w
 
+    @weight.setter
+    def weight(self, value):
+        # nn.Module.__setattr__ routes Parameters to _parameters; a plain tensor lands here (DataParallel's
+        # replicate() sets its broadcast copies this way)
+        self.__dict__["weight"] = value
+
     def forward(self, *args, **kwargs):
         if args and isinstance(args[0], Proxy):
             _refuse_foreign_trace(self)
-        self._sgs_weight()
-        per_call = self._sgs_per_use or not isinstance(self._parameters.get("weight"), nn.Parameter)
+        replica = self.__dict__.get("_sgs_replica")
+        if replica is not None:
+            per_call = replica == "per_use"
+        else:
+            self._sgs_weight()
+            per_call = self._sgs_per_use or not isinstance(self._parameters.get("weight"), nn.Parameter)
         if not per_call:
             return self._sgs_base.forward(self, *args, **kwargs)
         self.__dict__["_sgs_in_forward"] = True
@@ -436,6 +487,8 @@ class SGSGraphWeight(nn.Module):
     def forward(self, weight: Tensor, input: Tensor) -> Tensor:
         if isinstance(weight, Proxy):
             _refuse_foreign_trace(self)
+        if "_sgs_replica" in self.__dict__:
+            return _replica_weight(self, weight)
         if _attached_for(self, weight) and self.__dict__["_sgs_hook"].hooked:
             return weight
         if isinstance(weight, nn.Parameter) and not _tracing():
@@ -455,6 +508,9 @@ class SGSGraphWeight(nn.Module):
         state = dict(super().__getstate__())
         state.pop("_sgs_hook", None)
         return state
+
+    def _replicate_for_data_parallel(self):
+        return _replicate(self, super()._replicate_for_data_parallel)
 
     def __setstate__(self, state):
         super().__setstate__(state)

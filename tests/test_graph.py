@@ -114,6 +114,21 @@ def test_a_parameter_used_by_two_conv_nodes_gets_one_S():
     assert torch.equal(sgs.kernel.grad, s * gm.kernel.grad)  # S ⊙ (G1 + G2)
 
 
+def test_graph_scaling_of_conv_nodes_takes_set_scales():
+    # scaling="graph" makes every SGS node scale per use; set_scales looked for a `weight` on them (KeyError)
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(CallsTwice()).double()
+    sgs = sgs_fx.transform(gm, scaling="graph")
+    s = _random_scales(sgs)["sgs.kernel"]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for m in (gm, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    # each call scaled on its own, S ⊙ G1 + S ⊙ G2: equal to S ⊙ (G1 + G2) up to the order of the sum
+    assert (sgs.kernel.grad - s * gm.kernel.grad).abs().max().item() <= 1e-10  # of gradients ~1e4
+    assert (sgs.kernel.grad - gm.kernel.grad).abs().max().item() > 1e-3
+
+
 class Computed(nn.Module):
     def __init__(self):
         super().__init__()

@@ -132,6 +132,43 @@ def test_weight_norm_scales_the_direction_and_not_the_magnitude(caplog):
     assert "Adam steps SGS-instrumented weights" in caplog.text
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("norm", [parametrizations.spectral_norm, parametrizations.weight_norm])
+def test_graph_scaling_keeps_the_hook_of_a_parametrized_weight(norm, compiled):
+    # scaling="graph" scales in each conv's forward; a parametrized weight is computed inside torch's
+    # parametrization, where that cannot reach: its original keeps the hook (it lost S before)
+    torch.manual_seed(0)
+    model = nn.Sequential(norm(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
+    sgs = sgs_fx.transform(model, scaling="graph")
+    sgs_fx.set_scales(sgs, {"0": torch.rand(3, 3, dtype=torch.float64) + 0.5,
+                            "2": torch.rand(3, 3, dtype=torch.float64) + 0.5})
+    scales = sgs_fx.get_scales(sgs)
+    assert sgs[2].__dict__.get("_sgs_per_use") and not sgs[0].__dict__.get("_sgs_per_use")
+    torch._dynamo.reset()
+    call = torch.compile(sgs, fullgraph=True, backend="aot_eager") if compiled else sgs
+    plain = copy.deepcopy(model)
+    sgs.zero_grad(set_to_none=True)
+    call(X).pow(2).sum().backward()
+    expected = _loss_grads(plain)
+    original = [n for n, p in plain.named_parameters() if n.startswith("0.") and p.shape == (4, 3, 3, 3)][0]
+    assert torch.equal(dict(sgs.named_parameters())[original].grad, scales["0"] * expected[original])
+    assert torch.equal(sgs[2].weight.grad, scales["2"] * expected["2.weight"])
+
+
+def test_tied_parametrized_weights_are_refused():
+    a, b = (parametrizations.weight_norm(nn.Conv2d(3, 3, 3, padding=1)) for _ in range(2))
+    b.parametrizations.weight.original1 = a.parametrizations.weight.original1  # one direction v, two convs
+    with pytest.raises(ValueError, match="convs 0, 1 share one parametrized weight.*filter_fn"):
+        sgs_fx.transform(nn.Sequential(a, b))
+    # tied after transform: the next forward finds the shared original and refuses (per-use scaling would
+    # not reach into torch's parametrization, and S would be lost)
+    sgs = sgs_fx.transform(nn.Sequential(*(parametrizations.weight_norm(nn.Conv2d(3, 3, 3, padding=1))
+                                           for _ in range(2))))
+    sgs[1].parametrizations.weight.original1 = sgs[0].parametrizations.weight.original1
+    with pytest.raises(RuntimeError, match="SGSParametrizedConv2d and the parametrized SGSParametrizedConv2d now share"):
+        sgs(torch.randn(1, 3, 8, 8))
+
+
 def test_parametrized_and_old_weight_norm_refusals():
     with pytest.raises(ValueError, match="'0' has a parametrized weight.*cannot be split"):
         sgs_fx.transform(_spectral(), mode="branches", branches="acb")

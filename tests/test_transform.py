@@ -171,6 +171,39 @@ def test_functional_weight_replaced_by_load_state_dict_assign_keeps_S():
     assert torch.equal(sgs.w.grad, (s / s.mean()) * model.w.grad)
 
 
+class SharesConvWeight(nn.Module):
+    """An F.conv2d call with a conv module's own weight Parameter, under a second name."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.k = self.conv.weight
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(self.conv(x)), self.k, padding=1)
+
+
+def test_functional_call_with_a_conv_weight_shares_the_conv_S(caplog):
+    # the call cannot be scaled per use (no module runs it): one S per parameter, S ⊙ (G_conv + G_call).
+    # Before, both became "per use" and the call's gradient was not scaled at all.
+    torch.manual_seed(0)
+    model = SharesConvWeight().double()
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs = sgs_fx.transform(model)
+    assert list(sgs_fx.instrumented(sgs)) == ["conv"] and "k (S of conv)" in caplog.text
+    sgs_fx.set_scales(sgs, random_scales(sgs))
+    s = sgs_fx.get_scales(sgs)["conv"]
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for m in (model, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    assert torch.equal(sgs.conv.weight.grad, s * model.conv.weight.grad)
+    # tied after transform, the call's own S and the conv's cannot both hold: refused, with what to do
+    functional = sgs_fx.transform(Functional())
+    with pytest.raises(RuntimeError, match="SGSConv2d and an instrumented F.conv call now share one weight.*before"):
+        functional.conv.weight = functional.w
+
+
 def test_wrapped_model_is_refused():
     with pytest.raises(TypeError, match="transform the plain model first"):
         sgs_fx.transform(nn.DataParallel(TinyNet()))

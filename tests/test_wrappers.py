@@ -225,3 +225,91 @@ def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G():
         assert (got[name] - expected).abs().max().item() <= 1e-12, name
         if name.endswith("weight"):
             assert (got[name] - p.grad).abs().max().item() > 1e-3, name  # S really applied
+
+
+class _FunctionalConv(nn.Module):
+    """A conv written as ``F.conv2d`` with the module's own kernel (instrumented as a graph node once traced)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
+        self.head = nn.Conv2d(4, 2, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.relu(nn.functional.conv2d(x, self.kernel, padding=1)))
+
+
+class _KernelInChild(nn.Module):
+    """``F.conv2d`` with a child's kernel: traced, the conv is a graph node (torch's ``replicate`` cannot copy a
+    GraphModule that holds parameters itself, so the kernel sits in a child module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _FunctionalConv()
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.inner.kernel, padding=1)
+
+
+def _cpu_replicate(monkeypatch):
+    """torch's own ``replicate`` (what nn.DataParallel runs at every forward), its CUDA broadcast replaced by
+    CPU views: autograd sums the replicas' gradients into the original Parameters, as Broadcast's backward does."""
+    import importlib
+
+    module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):
+        return [[t.detach().clone() if detach else t.view_as(t) for t in tensors] for _ in devices] if tensors else []
+
+    monkeypatch.setattr(module, "_broadcast_coalesced_reshape", broadcast)
+    return module.replicate
+
+
+def _weight_normed():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 2, 3)).double()
+
+
+@pytest.mark.parametrize("make", [net, same_net, lambda: TiedConvs().double(), _FunctionalConv,
+                                  lambda: torch.fx.symbolic_trace(_KernelInChild()), _weight_normed],
+                         ids=["torch_forward", "own_forward", "tied_per_use", "functional", "graph_node",
+                              "parametrized"])
+def test_data_parallel_replicas_keep_S(make, monkeypatch):
+    replicate = _cpu_replicate(monkeypatch)
+    sgs = sgs_fx.transform(make())
+    scaled(sgs)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    direct = grads(sgs, x)  # the model's own forward: S ⊙ G, tested above per wrapper
+
+    def data_parallel(inp):  # two replicas, half the batch each, replicated at every call as DataParallel does
+        replicas = replicate(sgs, [0, 1])
+        return torch.cat([replicas[0](inp[:2]), replicas[1](inp[2:])])
+
+    unscaled = grads(sgs_fx.strip(sgs), x)
+    for _ in range(2):
+        got = grads(sgs, x, call=data_parallel)
+        for name, g in direct.items():  # not bit-exact: the two halves are summed in another order
+            assert (got[name] - g).abs().max().item() <= 1e-10, name
+    assert max((direct[n] - unscaled[n]).abs().max().item() for n in direct) > 1e-3  # S is not ones
+    for name, g in grads(sgs, x).items():  # and the original still scales on its own afterwards
+        assert torch.equal(g, direct[name]), name
+
+
+def test_data_parallel_hooks_a_weight_replaced_behind_the_module(monkeypatch):
+    # the original's forward, which re-checks the hook, never runs under DataParallel: replication checks it
+    replicate = _cpu_replicate(monkeypatch)
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    sgs[2]._parameters["weight"] = nn.Parameter(sgs[2].weight.detach().clone())  # no __setattr__, no re-attach
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+
+    def data_parallel(inp):
+        replicas = replicate(sgs, [0, 1])
+        return torch.cat([replicas[0](inp[:2]), replicas[1](inp[2:])])
+
+    got, plain = grads(sgs, x, call=data_parallel), grads(net(), x)
+    for name, g in plain.items():
+        conv = name.rsplit(".", 1)[0]
+        expected = scales[conv] * g if name.endswith("weight") and conv in scales else g
+        assert (got[name] - expected).abs().max().item() <= 1e-10, name

@@ -10,12 +10,16 @@ One S per parameter: several calls with it share it, and the MI pools their inpu
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..ops import SGSGraphWeight, _attached_for, _tracing
+from ..ops import SGSGraphWeight, _attached_for, _target_of, _tracing, is_sgs_conv
+
+logger = logging.getLogger("sgs_fx")
 
 _CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 PREFIX = "sgs_"
@@ -35,12 +39,20 @@ def _check_hooks(owner: nn.Module, args) -> None:
 def instrument_functional(model: nn.Module, sites, selected, start: int) -> list[str]:
     """Hook every selected parameter that ``F.conv*d`` calls use as their weight; returns the new names."""
     names = []
+    # A parameter already scaled by an SGS conv (or an earlier call under another name) keeps that one hook:
+    # one S per parameter, S ⊙ (G_conv + G_call). A second hook would scale twice; per-use scaling would
+    # need the call itself, which no module runs here.
+    taken = {id(_target_of(m)): name for name, m in model.named_modules() if is_sgs_conv(m)}
+    shared = []
     for param_name, geometry in sites:
         owner_name, _, leaf = param_name.rpartition(".")
         owner = model.get_submodule(owner_name)
         child = PREFIX + leaf
         param = owner._parameters.get(leaf)
         if param is None or child in owner._modules or param.dim() < 3:
+            continue
+        if id(param) in taken:
+            shared.append(f"{param_name} (S of {taken[id(param)]})")
             continue
         mod = SGSGraphWeight(param, **geometry)
         if not selected(param_name, mod):
@@ -54,6 +66,10 @@ def instrument_functional(model: nn.Module, sites, selected, start: int) -> list
             owner.__dict__["_sgs_functional_children"] = []
         owner.__dict__["_sgs_functional_children"].append(child)
         names.append(f"{owner_name}.{child}" if owner_name else child)
+        taken[id(param)] = names[-1]
+    if shared:
+        logger.warning("sgs_fx.transform: F.conv calls with a weight that an SGS conv already scales share its S "
+                       "(one S per parameter: S * (G1 + G2)): %s", "; ".join(shared[:5]))
     return names
 
 

@@ -120,7 +120,10 @@ def transform(
     if mode == "sgs":
         tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
-            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or scaling == "graph")
+            # scaling="graph" puts scale_grad in each conv's forward; a parametrized weight is computed inside
+            # the forward of torch's parametrization, so its original keeps the hook (also exact when compiled)
+            graph = scaling == "graph" and not _parametrized(modules[name])
+            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or graph)
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
@@ -195,12 +198,24 @@ def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None
                     "kernel's full shape, so there is no trained kernel to scale; leave it out with filter_fn")
 
 
+def _parametrized(conv: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(conv, "weight")
+
+
 def _tied_weights(modules: dict[str, nn.Module], candidates: list[str]) -> set[str]:
     """Selected convs whose weight Parameter another selected conv uses too: they scale per use."""
     by_weight: dict[int, list[str]] = {}
     for name in candidates:
         by_weight.setdefault(id(hook_target(modules[name])), []).append(name)
     tied = {n for names in by_weight.values() if len(names) > 1 for n in names}
+    parametrized = sorted(n for n in tied if _parametrized(modules[n]))
+    if parametrized:
+        raise ValueError(
+            f"sgs_fx.transform: convs {', '.join(parametrized)} share one parametrized weight; SGS scales a "
+            "parametrized weight with a hook on its original tensor, which cannot give each conv's use its own S. "
+            "Leave all but one of them out with filter_fn")
     if tied:
         logger.warning(
             "sgs_fx.transform: convs %s share a weight Parameter; each scales its own use (the weight's "
