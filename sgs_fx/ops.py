@@ -60,7 +60,7 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (scale,) = ctx.saved_tensors
-        return grad * scale.to(grad.dtype), None
+        return _mul_cast(scale, grad), None
 
 
 def scale_grad(weight: Tensor, scale: Tensor) -> Tensor:
@@ -79,7 +79,9 @@ def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def _mul_cast(scale: Tensor, grad: Tensor) -> Tensor:
-    return grad * scale.to(grad.dtype)
+    """S ⊙ G in G's dtype, rounded once: a half-precision G is multiplied by the float32 S (as the official
+    in-place multiply of ``.grad`` does), not by S rounded to half first."""
+    return torch.mul(grad, scale).to(grad.dtype)
 
 
 class _HookState:

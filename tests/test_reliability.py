@@ -54,9 +54,13 @@ def test_bf16_model_keeps_S_in_float32():
     assert got.dtype == torch.float32 and torch.equal(got, (s / s.mean()).float())
     sgs.half()  # a dtype change must not round S either
     assert torch.equal(sgs_fx.get_scales(sgs)["0"], (s / s.mean()).float())
-    x = torch.randn(1, 3, 6, 6, dtype=torch.float16)
-    sgs(x).float().sum().backward()
-    assert sgs[0].weight.grad.dtype == torch.float16  # the hook casts S where it is used
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float16)
+    plain = sgs_fx.strip(sgs)
+    for m in (sgs, plain):
+        m(x).float().pow(2).sum().backward()
+    # S ⊙ G rounded once to fp16, as the official multiply of .grad does (not G times S rounded to fp16)
+    expected = (sgs_fx.get_scales(sgs)["0"] * plain[0].weight.grad.float()).half()
+    assert sgs[0].weight.grad.dtype == torch.float16 and torch.equal(sgs[0].weight.grad, expected)
 
 
 class SharedChild(nn.Module):
