@@ -6,7 +6,6 @@ the lemma's conditions hold, and the report says which conditions do not.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from .optimizers import ADAPTIVE
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
+from .passes.select import copy_model
 
 logger = logging.getLogger("sgs_fx")
 
@@ -104,7 +104,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
         raise ValueError("verify: batches is empty; pass at least one input batch")
     if scales is None and branches is None:
         branches = "acb"
-    base = copy.deepcopy(model).to(dtype)
+    base = copy_model(model, "sgs_fx.verify", inplace_hint=False).to(dtype)
     branched = transform(base, mode="branches", scales=scales, branches=branches, filter_fn=filter_fn)
     sgs = transform(strip(branched), filter_fn=filter_fn)  # same folded start as the branched model
     set_scales(sgs, get_scales(branched))

@@ -84,6 +84,7 @@ def test_resume_restores_scales():
     resumed = sgs_fx.MIScheduler(fresh, loader(seed=99), warmup=0, every=3)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(sgs_fx.get_scales(model).values(), sgs_fx.get_scales(fresh).values()))
+    assert resumed.step(0) is False  # resumed inside epoch 0 (whose S it restored): not drawn again
     assert resumed.step(1) is False and resumed.step(2) is False  # not due: S stays as restored
     assert all(torch.equal(a, b) for a, b in zip(sgs_fx.get_scales(model).values(), sgs_fx.get_scales(fresh).values()))
 

@@ -204,6 +204,25 @@ def test_functional_call_with_a_conv_weight_shares_the_conv_S(caplog):
         functional.conv.weight = functional.w
 
 
+class HoldsAGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.stream = (i for i in range(3))  # deepcopy cannot copy a generator
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_model_deepcopy_cannot_copy_is_told_what_to_do():
+    with pytest.raises(TypeError, match="sgs_fx.transform works on a copy.*HoldsAGenerator.*generator.*inplace=True"):
+        sgs_fx.transform(HoldsAGenerator())
+    model = HoldsAGenerator()
+    assert sgs_fx.transform(model, inplace=True) is model and list(sgs_fx.instrumented(model)) == ["conv"]
+    with pytest.raises(TypeError, match="sgs_fx.strip works on a copy"):
+        sgs_fx.strip(model)
+
+
 def test_wrapped_model_is_refused():
     with pytest.raises(TypeError, match="transform the plain model first"):
         sgs_fx.transform(nn.DataParallel(TinyNet()))

@@ -1,7 +1,6 @@
 """The SGS pass: every selected conv call site becomes an SGS conv (or, for verification, a branched block)."""
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 
@@ -14,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class_for
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
-from .select import FilterFn, default_filter, is_deform_conv, is_plain_conv, unwrap
+from .select import FilterFn, copy_model, default_filter, is_deform_conv, is_plain_conv, unwrap
 from .functional import instrument_functional
 from .graph import graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
@@ -73,7 +72,7 @@ def transform(
         raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'hook' (eager) or 'graph' (torch.compile)")
     _refuse_unsupported(model, mode, filter_fn or default_filter)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "sgs_fx.transform")
 
     selected = filter_fn or default_filter
     modules = dict(model.named_modules())

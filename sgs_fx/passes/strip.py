@@ -1,14 +1,13 @@
 """Remove all instrumentation: SGS convs get their original class back, branched blocks are folded."""
 from __future__ import annotations
 
-import copy
 
 from torch import fx, nn
 
 from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
 from .functional import strip_functional
 from .graph import strip_graph
-from .select import replace_everywhere, unwrap
+from .select import copy_model, replace_everywhere, unwrap
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -20,7 +19,7 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"sgs_fx.strip expects an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "sgs_fx.strip")
     root = unwrap(model)
     if isinstance(root, fx.GraphModule):
         strip_graph(root)

@@ -79,12 +79,16 @@ class MIScheduler:
         return epoch == self.warmup or (epoch > self.warmup and epoch % self.every == 0)
 
     def step(self, epoch: int) -> bool:
-        """Apply the schedule for ``epoch``; returns True when S was recomputed."""
+        """Apply the schedule for ``epoch``; returns True when S was recomputed.
+
+        Once per epoch: S computed for this epoch already (``step`` called twice, or a run resumed from a
+        checkpoint saved inside the epoch) is kept, so a resumed run trains on the S it saved.
+        """
         self.last_epoch = epoch
         if epoch < self.warmup:
             set_scales(self.model, {n: torch.ones(tuple(m.kernel_size)) for n, m in instrumented(self.model).items()})
             return False
-        if not self.due(epoch):
+        if not self.due(epoch) or self.last_recompute == epoch:
             return False
         self.calibrate()
         self.last_recompute = epoch
