@@ -313,3 +313,16 @@ def test_data_parallel_hooks_a_weight_replaced_behind_the_module(monkeypatch):
         conv = name.rsplit(".", 1)[0]
         expected = scales[conv] * g if name.endswith("weight") and conv in scales else g
         assert (got[name] - expected).abs().max().item() <= 1e-10, name
+
+
+@pytest.mark.parametrize("scaling", ["hook", "graph"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_keeps_S(reentrant, scaling):
+    # the forward runs again inside backward (reentrant: under a backward of its own)
+    from torch.utils.checkpoint import checkpoint
+
+    sgs = sgs_fx.transform(net(), scaling=scaling)
+    scales = scaled(sgs)
+    x = X.clone().requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad
+    got = grads(sgs, x, call=lambda inp: checkpoint(sgs, inp, use_reentrant=reentrant))
+    assert_exactly_scaled(got, grads(net(), X), scales)
