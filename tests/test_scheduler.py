@@ -89,6 +89,16 @@ def test_resume_restores_scales():
     assert all(torch.equal(a, b) for a, b in zip(sgs_fx.get_scales(model).values(), sgs_fx.get_scales(fresh).values()))
 
 
+def test_a_resume_without_the_scheduler_state_computes_S_at_once(caplog):
+    model = sgs_fx.transform(small_net())
+    sched = sgs_fx.MIScheduler(model, loader(), warmup=1, every=5)
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        assert sched.step(3) is True  # not due, but S would otherwise stay ones until epoch 5
+    assert "no S was computed or restored" in caplog.text
+    assert all(not torch.equal(s, torch.ones_like(s)) for s in sgs_fx.get_scales(model).values())
+    assert sched.step(4) is False
+
+
 def test_failing_layers_keep_previous_scale_and_warn_once(caplog):
     model = sgs_fx.transform(Dynamic())
     previous = torch.rand(3, 3) + 0.5

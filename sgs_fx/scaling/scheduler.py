@@ -88,8 +88,15 @@ class MIScheduler:
         if epoch < self.warmup:
             set_scales(self.model, {n: torch.ones(tuple(m.kernel_size)) for n, m in instrumented(self.model).items()})
             return False
-        if not self.due(epoch) or self.last_recompute == epoch:
+        if self.last_recompute == epoch:
             return False
+        if not self.due(epoch):
+            if self.last_recompute is not None:
+                return False
+            # past warm-up, and no S was computed or restored: a resumed run that did not load this
+            # scheduler's state would train on S = ones until the next due epoch
+            logger.warning("sgs_fx.MIScheduler: step(%d) is past warm-up but no S was computed or restored "
+                           "(load_state_dict with the checkpoint's scheduler state); computing S now", epoch)
         self.calibrate()
         self.last_recompute = epoch
         return True
