@@ -114,14 +114,25 @@ def hook_target(conv: nn.Module) -> Tensor | None:
     ``weight_norm``, orthogonal, ...), the parametrization's original tensor of the kernel's full shape
     (spectral_norm: ``original``; weight_norm: ``original1``, the direction ``v``; its per-channel
     magnitude ``g`` is not a spatial kernel and is left alone). Reading ``conv.weight`` instead would run
-    the parametrization, e.g. one spectral-norm power iteration.
+    the parametrization, e.g. one spectral-norm power iteration. For a weight pruned with
+    ``torch.nn.utils.prune``, ``weight_orig`` (the weight is ``weight_orig * weight_mask``, recomputed by a
+    forward pre-hook): its gradient is mask ⊙ G, and S ⊙ mask ⊙ G is the masked S ⊙ G.
     """
     w = conv._parameters.get("weight")
-    if w is not None or not parametrize.is_parametrized(conv, "weight"):
+    if w is not None:
         return w
+    if is_pruned(conv):
+        return conv._parameters["weight_orig"]
+    if not parametrize.is_parametrized(conv, "weight"):
+        return None
     full = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
     originals = [p for n, p in conv.parametrizations.weight.named_parameters(recurse=False) if n.startswith("original")]
     return next((p for p in originals if tuple(p.shape) == full), None)
+
+
+def is_pruned(conv: nn.Module) -> bool:
+    """Whether ``torch.nn.utils.prune`` masks the conv's weight (it then trains ``weight_orig``)."""
+    return "weight_orig" in conv._parameters and "weight_mask" in conv._buffers
 
 
 def _target_of(m: nn.Module) -> Tensor | None:
@@ -288,8 +299,8 @@ class SGSConvMixin:
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
-        if w is None:
-            return self.weight
+        if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
+            w = self.weight
         if self.__dict__.get("_sgs_per_use", False):
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         return w
@@ -320,7 +331,9 @@ class SGSConvMixin:
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name in ("weight", SCALE_BUFFER) and SCALE_BUFFER in self.__dict__.get("_buffers", {}):
+        # (torch.nn.utils.prune sets a masked `weight` at every forward: the hook stays where it is)
+        if name in ("weight", SCALE_BUFFER) and SCALE_BUFFER in self.__dict__.get("_buffers", {}) and \
+                not _attached_for(self, _target_of(self)):
             attach_hook(self)
 
     def extra_repr(self) -> str:
@@ -350,9 +363,12 @@ class _SGSOwnForwardMixin(SGSConvMixin):
 
     @property
     def weight(self):
-        w = self._parameters.get("weight")
-        if w is None:
-            w = self.__dict__.get("weight")  # a DataParallel replica's broadcast copy
+        if "weight" in self._parameters:
+            w = self._parameters["weight"]
+        elif "weight" in self.__dict__:  # a DataParallel replica's broadcast copy, a pruned weight
+            w = self.__dict__["weight"]
+        else:  # between prune.remove's delattr and its register_parameter: hasattr must say no
+            raise AttributeError(f"{type(self).__name__} has no attribute 'weight'")
         if self.__dict__.get("_sgs_in_forward", False):
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         return w
@@ -360,8 +376,13 @@ class _SGSOwnForwardMixin(SGSConvMixin):
     @weight.setter
     def weight(self, value):
         # nn.Module.__setattr__ routes Parameters to _parameters; a plain tensor lands here (DataParallel's
-        # replicate() sets its broadcast copies this way)
+        # replicate() sets its broadcast copies this way, torch.nn.utils.prune its masked weight)
         self.__dict__["weight"] = value
+
+    @weight.deleter
+    def weight(self):
+        if self.__dict__.pop("weight", None) is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute 'weight'")
 
     def forward(self, *args, **kwargs):
         if args and isinstance(args[0], Proxy):
@@ -371,7 +392,8 @@ class _SGSOwnForwardMixin(SGSConvMixin):
             per_call = replica == "per_use"
         else:
             self._sgs_weight()
-            per_call = self._sgs_per_use or not isinstance(self._parameters.get("weight"), nn.Parameter)
+            w = self._parameters.get("weight")  # None when pruned: the hook on weight_orig scales it
+            per_call = self._sgs_per_use or (w is not None and not isinstance(w, nn.Parameter))
         if not per_call:
             return self._sgs_base.forward(self, *args, **kwargs)
         self.__dict__["_sgs_in_forward"] = True

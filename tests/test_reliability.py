@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import sgs_fx
-from helpers import TiedConvs
+from helpers import Conv2dSame, TiedConvs
 from sgs_fx.ops import is_sgs_conv
 
 X = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -171,6 +171,56 @@ def test_tied_parametrized_weights_are_refused():
     sgs[1].parametrizations.weight.original1 = sgs[0].parametrizations.weight.original1
     with pytest.raises(RuntimeError, match="SGSParametrizedConv2d and the parametrized SGSParametrizedConv2d now share"):
         sgs(torch.randn(1, 3, 8, 8))
+
+
+def _pruned_pair(conv_cls, prune_first: bool, scaling: str):
+    """(SGS model, plain model) with conv 0 pruned by torch.nn.utils.prune, before or after transform."""
+    import torch.nn.utils.prune as prune
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(conv_cls(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
+
+    plain, model = make(), make()
+    prune.l1_unstructured(plain[0], "weight", amount=0.4)
+    if prune_first:  # a pruned module cannot be deep-copied (torch): transform it in place
+        prune.l1_unstructured(model[0], "weight", amount=0.4)
+        sgs = sgs_fx.transform(model, inplace=True, scaling=scaling)
+    else:
+        sgs = sgs_fx.transform(model, scaling=scaling)
+        prune.l1_unstructured(sgs[0], "weight", amount=0.4)
+    return sgs, plain
+
+
+@pytest.mark.parametrize("scaling", ["hook", "graph"])
+@pytest.mark.parametrize("prune_first", [False, True], ids=["pruned_after", "pruned_before"])
+@pytest.mark.parametrize("conv_cls", [nn.Conv2d, Conv2dSame], ids=["torch_forward", "own_forward"])
+def test_pruned_conv_scales_weight_orig(conv_cls, prune_first, scaling):
+    # the weight is weight_orig * mask, recomputed by prune's pre-hook at every forward; S lost before
+    import torch.nn.utils.prune as prune
+
+    sgs, plain = _pruned_pair(conv_cls, prune_first, scaling)
+    sgs_fx.set_scales(sgs, {"0": torch.rand(3, 3, dtype=torch.float64) + 0.5})
+    s = sgs_fx.get_scales(sgs)["0"]
+    sgs(X)
+    hooked = sgs[0].__dict__["_sgs_hook"]
+    for _ in range(2):  # the pre-hook sets `weight` at every forward: one hook, never re-registered
+        got, expected = _loss_grads(sgs), _loss_grads(plain)
+        assert sgs[0].__dict__["_sgs_hook"] is hooked
+        assert torch.equal(got["0.weight_orig"], s * expected["0.weight_orig"])
+        assert torch.equal(got["2.weight"], sgs_fx.get_scales(sgs)["2"] * expected["2.weight"])
+    prune.remove(sgs[0], "weight")  # the mask is made permanent: the Parameter is `weight` again
+    prune.remove(plain[0], "weight")
+    assert torch.equal(_loss_grads(sgs)["0.weight"], s * _loss_grads(plain)["0.weight"])
+
+
+def test_pruned_conv_is_refused_by_branch_mode():
+    import torch.nn.utils.prune as prune
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    with pytest.raises(ValueError, match="'0' is pruned.*prune.remove"):
+        sgs_fx.transform(model, mode="branches", inplace=True)
 
 
 def test_parametrized_and_old_weight_norm_refusals():

@@ -10,7 +10,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..ops import SCALE_BUFFER, attach_hook, hook_target, scale_dtype, sgs_class_for
+from ..ops import SCALE_BUFFER, attach_hook, hook_target, is_pruned, scale_dtype, sgs_class_for
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, copy_model, default_filter, is_deform_conv, is_plain_conv, unwrap
@@ -185,6 +185,11 @@ def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None
             raise ValueError(
                 f"sgs_fx.transform(mode='branches'): {name!r} is a DeformConv2d, whose sampling positions move with "
                 "its offsets, so it has no fixed sub-window branches; use mode='sgs' or leave it out with filter_fn")
+        if mode == "branches" and is_pruned(m):
+            raise ValueError(
+                f"sgs_fx.transform(mode='branches'): conv {name!r} is pruned (torch.nn.utils.prune), and its mask "
+                "would not carry over to separate branch kernels; use mode='sgs' (it scales weight_orig) or "
+                "prune.remove the mask first")
         if parametrize.is_parametrized(m, "weight"):
             if mode == "branches":
                 raise ValueError(
