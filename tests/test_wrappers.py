@@ -276,8 +276,17 @@ def _weight_normed():
                          ids=["torch_forward", "own_forward", "tied_per_use", "functional", "graph_node",
                               "parametrized"])
 def test_data_parallel_replicas_keep_S(make, monkeypatch):
+    _check_data_parallel(sgs_fx.transform(make()), monkeypatch)
+
+
+def test_data_parallel_replicas_scale_per_use_under_graph_scaling(monkeypatch):
+    sgs = sgs_fx.transform(net(), scaling="graph")
+    assert all(m.__dict__.get("_sgs_per_use") for m in sgs_fx.instrumented(sgs).values())
+    _check_data_parallel(sgs, monkeypatch)
+
+
+def _check_data_parallel(sgs, monkeypatch):
     replicate = _cpu_replicate(monkeypatch)
-    sgs = sgs_fx.transform(make())
     scaled(sgs)
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
     direct = grads(sgs, x)  # the model's own forward: S ⊙ G, tested above per wrapper
