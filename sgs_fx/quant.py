@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from .batches import call, first_input, to_model
 from .export.qdq import is_fake_quant
+from .passes.select import unwrap
 from .passes.strip import strip
 
 logger = logging.getLogger("sgs_fx")
@@ -201,7 +202,7 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
 
     if num_batches < 1:
         raise ValueError(f"quantize_ptq: num_batches={num_batches!r}; calibration needs at least one batch")
-    plain = strip(model)
+    plain = strip(unwrap(model))
     iterator = iter(batches)
     first = next(iterator, None)
     if first is None:

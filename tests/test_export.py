@@ -73,6 +73,18 @@ def test_report_text(tmp_path):
     assert "Conv×1" in text and "batch 5" in text and "PASSED" in text and report.exporter == "dynamo"
 
 
+@pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["data_parallel", "compiled"])
+def test_a_wrapped_model_exports_the_model_inside(tmp_path, wrap):
+    # the model a training script holds after training; exporting the wrapper failed in both exporters
+    torch.manual_seed(0)
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5)))
+    wrapped = wrap(model)
+    report = sgs_fx.export_onnx(wrapped, tmp_path / "m.onnx", torch.randn(2, 3, 8, 8))
+    assert report.passed and report.op_counts.get("Conv") == 1 and sgs_fx.instrumented(model)
+    ptq = sgs_fx.quantize_ptq(wrapped, [torch.randn(8, 3, 8, 8)], num_batches=1, progress=False)
+    assert sgs_fx.export_onnx(ptq, tmp_path / "q.onnx", torch.randn(2, 3, 8, 8)).quantized
+
+
 def test_bad_input(tmp_path):
     model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)))
     with pytest.raises(FileNotFoundError, match="does not exist"):

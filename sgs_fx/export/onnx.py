@@ -18,6 +18,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ..passes.select import unwrap
 from ..passes.strip import strip
 from ..quant import freeze
 from .qdq import check_quantized, has_quantization, to_qdq
@@ -127,7 +128,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     """Strip a copy of ``model``, export it to ``path`` and check it with onnxruntime.
 
     Args:
-        model: a transformed (SGS or branch mode) or plain model; it is not modified. A model with
+        model: a transformed (SGS or branch mode) or plain model, also inside DDP, DataParallel or
+            torch.compile (the model inside is exported); it is not modified. A model with
             fake-quant modules (``prepare_qat_fx`` / ``sgs_fx.prepare_qat`` after training, or
             ``sgs_fx.quantize_ptq``) is written as QDQ ONNX: QuantizeLinear / DequantizeLinear with the
             fake-quants' scales, int8 weights (BatchNorm folded), its observers frozen on the copy.
@@ -177,7 +179,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
         _check_batch_dim(xs)
     if check_input is not None:
         check_input = _check_like(_as_inputs(check_input, "check_input"), xs)
-    plain = strip(model).eval().cpu()
+    plain = strip(unwrap(model)).eval().cpu()  # a DDP / DataParallel / torch.compile wrapper: its model
     quantized = has_quantization(plain)
     if quantized:
         if len({_batch_size(x) for x in xs}) > 1:
