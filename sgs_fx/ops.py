@@ -15,6 +15,10 @@ So the conv checks, at every eager forward, that the hook sits on the weight and
 re-attaches it otherwise (two identity tests); ``_apply``, ``_load_from_state_dict``, ``__setattr__`` and
 unpickling re-attach it eagerly, which covers ``torch.compile``, whose traced forward cannot run the check.
 
+``nn.DataParallel`` replicates every module at every forward onto broadcast copies of the weights, whose
+gradients autograd sums into the original Parameters: replicas leave the hook to the original (see
+``_replicate``). Under ``torch.nn.utils.prune`` the trained tensor is ``weight_orig``, and the hook sits there.
+
 Where one Parameter feeds several SGS convs (tied weights), a single hook cannot give each use its own S:
 those convs scale *per use* instead, with ``scale_grad`` (an autograd function in the forward graph, exact
 and slower), so the tied weight gets S₁ ⊙ G₁ + S₂ ⊙ G₂.
