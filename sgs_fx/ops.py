@@ -95,11 +95,13 @@ class _HookState:
     ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have weakrefs.
     """
 
-    __slots__ = ("param", "scale", "handle", "hooked")
+    __slots__ = ("param", "scale", "handle", "hooked", "impl")
 
     def __init__(self, param, scale, handle):
         self.param, self.scale, self.handle = param, scale, handle
         self.hooked = handle is not None
+        # torch.utils.swap_tensors keeps the Parameter object and gives it another C++ tensor, without the hook
+        self.impl = param._cdata if param is not None else None
 
 
 def _tracing() -> bool:
@@ -191,7 +193,10 @@ def attach_hook(conv: nn.Module) -> None:
     if not conv.__dict__.get("_sgs_per_use", False):
         # S.mul(grad): a bound C method with a positional argument, half the call cost of a keyword partial;
         # the product is the same bits (multiplication commutes) and keeps the gradient's memory format.
-        fn = s.mul if s.dtype == w.dtype else functools.partial(_mul_cast, s)
+        # An F.conv call's S lives in a child of the module owning the weight, and `to()` converts children
+        # before the owner's own parameters: that hook must cope with the weight's dtype changing under it.
+        functional = conv.__dict__.get("_sgs_functional", False)
+        fn = s.mul if s.dtype == w.dtype and not functional else functools.partial(_mul_cast, s)
         if w.requires_grad:
             handle = _register(w, fn)
         elif w.grad_fn is None and not w.is_inference():
@@ -484,8 +489,13 @@ class SGSGraphWeight(nn.Module):
 
     Holds S (non-persistent buffer) and the conv's geometry, so that ``get_scales`` / ``set_scales`` and the
     MI scheduler treat it like an SGS conv; the scheduler observes its second argument, the conv's input.
-    A Parameter arriving on the edge is hooked (as SGS convs do); a computed one (through a fake-quant)
-    is scaled per use.
+    It scales per use (``scale_grad`` on the edge), never with a hook: the weight's Parameter belongs to
+    another module, whose ``to()`` or ``load_state_dict`` replaces or swaps it after this node has been
+    visited, so a hook could not be kept on it (and a compiled forward could not re-check it).
+
+    For an ``F.conv*d`` call of an ordinary module (``_sgs_functional``), no graph runs this node: it holds
+    S and the hook on the owner's parameter, re-checked by the owner's forward pre-hook and after its
+    ``load_state_dict`` (see ``passes/functional.py``).
     """
 
     mi_input = 1  # which forward argument is the conv's input
@@ -515,14 +525,8 @@ class SGSGraphWeight(nn.Module):
     def forward(self, weight: Tensor, input: Tensor) -> Tensor:
         if isinstance(weight, Proxy):
             _refuse_foreign_trace(self)
-        if "_sgs_replica" in self.__dict__:
-            return _replica_weight(self, weight)
-        if _attached_for(self, weight) and self.__dict__["_sgs_hook"].hooked:
-            return weight
-        if isinstance(weight, nn.Parameter) and not _tracing():
-            self.attach(weight)
-        if isinstance(weight, nn.Parameter) and not self.__dict__.get("_sgs_per_use", False):
-            return weight
+        if weight is not self.__dict__.get("_sgs_param") and isinstance(weight, nn.Parameter) and not _tracing():
+            self.attach(weight)  # a new Parameter (load_state_dict(assign=True)): for ties and the Adam check
         return scale_grad(weight, self._buffers[SCALE_BUFFER])
 
     def _apply(self, fn, recurse=True):
@@ -542,6 +546,8 @@ class SGSGraphWeight(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not self.__dict__.get("_sgs_functional", False):
+            self.__dict__["_sgs_per_use"] = True  # a node pickled by an earlier version, which hooked its weight
         attach_hook(self)
 
     __deepcopy__ = _deepcopy_without_hook

@@ -101,32 +101,52 @@ class CallsTwice(nn.Module):
         return F.conv2d(torch.relu(F.conv2d(x, self.kernel, padding=1)), self.kernel, padding=1)
 
 
-def test_a_parameter_used_by_two_conv_nodes_gets_one_S():
+@pytest.mark.parametrize("scaling", ["hook", "graph"])
+def test_a_parameter_used_by_two_conv_nodes_gets_one_S(scaling):
     torch.manual_seed(0)
     gm = fx.symbolic_trace(CallsTwice()).double()
-    sgs = sgs_fx.transform(gm)
+    sgs = sgs_fx.transform(gm, scaling=scaling)
     assert list(sgs_fx.instrumented(sgs)) == ["sgs.kernel"]
-    s = _random_scales(sgs)["sgs.kernel"]
+    s = _random_scales(sgs)["sgs.kernel"]  # set_scales on per-use nodes (it raised KeyError once)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     for m in (gm, sgs):
         m.zero_grad()
         m(x).pow(2).sum().backward()
-    assert torch.equal(sgs.kernel.grad, s * gm.kernel.grad)  # S ⊙ (G1 + G2)
-
-
-def test_graph_scaling_of_conv_nodes_takes_set_scales():
-    # scaling="graph" makes every SGS node scale per use; set_scales looked for a `weight` on them (KeyError)
-    torch.manual_seed(0)
-    gm = fx.symbolic_trace(CallsTwice()).double()
-    sgs = sgs_fx.transform(gm, scaling="graph")
-    s = _random_scales(sgs)["sgs.kernel"]
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    for m in (gm, sgs):
-        m.zero_grad()
-        m(x).pow(2).sum().backward()
-    # each call scaled on its own, S ⊙ G1 + S ⊙ G2: equal to S ⊙ (G1 + G2) up to the order of the sum
-    assert (sgs.kernel.grad - s * gm.kernel.grad).abs().max().item() <= 1e-10  # of gradients ~1e4
+    # graph nodes scale per use, S ⊙ G1 + S ⊙ G2: S ⊙ (G1 + G2) up to the order of the sum (gradients ~1e4)
+    assert (sgs.kernel.grad - s * gm.kernel.grad).abs().max().item() <= 1e-10
     assert (sgs.kernel.grad - gm.kernel.grad).abs().max().item() > 1e-3
+
+
+class ConvAndCallShareAWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(self.conv(x)), self.conv.weight, padding=1)
+
+
+def test_a_conv_module_and_a_conv_node_sharing_a_weight_each_scale_their_use(caplog):
+    # the node scales its use; the conv's hook would scale both uses (the node's twice): the conv goes per use
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(ConvAndCallShareAWeight()).double()
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs = sgs_fx.transform(gm)
+    assert "conv module(s) conv share their weight with conv nodes" in caplog.text
+    scales = _random_scales(sgs)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w = gm.conv.weight
+    uses = {}
+
+    def use(name):
+        v = w.view_as(w)
+        v.register_hook(lambda g: uses.__setitem__(name, g))
+        return v
+
+    F.conv2d(torch.relu(F.conv2d(x, use("conv"), padding=1)), use("node"), padding=1).pow(2).sum().backward()
+    sgs(x).pow(2).sum().backward()
+    expected = scales["conv"] * uses["conv"] + scales["sgs.conv_weight"] * uses["node"]
+    assert (sgs.conv.weight.grad - expected).abs().max().item() <= 1e-10
 
 
 class Computed(nn.Module):

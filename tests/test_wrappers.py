@@ -35,7 +35,7 @@ def scaled(model, seed=1):
 
 def grads(model, x, call=None, params=None):
     model.zero_grad(set_to_none=True)
-    (call or model)(x).pow(2).sum().backward()
+    (call if call is not None else model)(x).pow(2).sum().backward()
     return {n: p.grad.clone() for n, p in (params or dict(model.named_parameters())).items()}
 
 
@@ -335,3 +335,34 @@ def test_activation_checkpointing_keeps_S(reentrant, scaling):
     x = X.clone().requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad
     got = grads(sgs, x, call=lambda inp: checkpoint(sgs, inp, use_reentrant=reentrant))
     assert_exactly_scaled(got, grads(net(), X), scales)
+
+
+def _graph_of_functional_conv():
+    return torch.fx.symbolic_trace(_FunctionalConv())
+
+
+@pytest.mark.parametrize("wrap", [_to_float32, _to_swapped, _assign, _load_swapped, copy.deepcopy, _pickle],
+                         ids=lambda f: getattr(f, "__name__", str(f)).strip("_"))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("make", [_FunctionalConv, _graph_of_functional_conv], ids=["functional_call", "graph_node"])
+def test_replaced_or_copied_weights_keep_S_of_calls_and_graph_nodes(make, wrap, compiled, request):
+    """The parameter behind an F.conv call or a graph node belongs to another module, whose to() and
+    load_state_dict run after the SGS holder's: graph nodes scale per use, calls re-attach after a load."""
+    if make is _FunctionalConv and wrap is _to_swapped and compiled:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="README: after to() with swapped tensors, an F.conv "
+                                              "call's hook needs one eager forward before a compiled one"))
+    sgs = sgs_fx.transform(make())
+    scales = scaled(sgs)
+    s_kernel = next(s for name, s in scales.items() if name.endswith("kernel"))
+    out, plain = wrap(sgs), wrap(make())
+    torch._dynamo.reset()
+    call = torch.compile(out, fullgraph=True, backend="aot_eager") if compiled else out
+    x = X.to(next(plain.parameters()).dtype)
+    got, expected = grads(out, x, call=call), grads(plain, x)
+    for _ in range(2):  # a second step: no second hook
+        got, expected = grads(out, x, call=call), grads(plain, x)
+        for name, g in expected.items():
+            s = s_kernel if name == "kernel" else scales["head"] if name == "head.weight" else torch.ones(())
+            want = (s * g.double()).to(g.dtype)  # rounded once from float64 (float32 after to(): 1 ulp apart)
+            tol = 0 if g.dtype == torch.float64 else 2 ** -23
+            assert torch.allclose(got[name], want, rtol=tol, atol=0), name

@@ -32,8 +32,20 @@ def _check_hooks(owner: nn.Module, args) -> None:
     for child in owner.__dict__.get("_sgs_functional_children", ()):
         mod = owner._modules[child]
         param = owner._parameters.get(child[len(PREFIX):])
-        if isinstance(param, nn.Parameter) and not _attached_for(mod, param):
+        # same object, other C++ tensor: torch.utils.swap_tensors (to() / load_state_dict under
+        # torch.__future__.set_swap_module_params_on_conversion) dropped the hook
+        if isinstance(param, nn.Parameter) and not (_attached_for(mod, param)
+                                                    and mod.__dict__["_sgs_hook"].impl == param._cdata):
             mod.attach(param)
+
+
+def _reattach_after_load(owner: nn.Module, incompatible_keys) -> None:
+    """Load-state-dict post-hook of an owner: ``assign=True`` or swapped tensors leave the hook behind, and a
+    compiled forward cannot re-check it, so re-attach now."""
+    for child in owner.__dict__.get("_sgs_functional_children", ()):
+        param = owner._parameters.get(child[len(PREFIX):])
+        if isinstance(param, nn.Parameter):
+            owner._modules[child].attach(param)
 
 
 def instrument_functional(model: nn.Module, sites, selected, start: int) -> list[str]:
@@ -63,6 +75,7 @@ def instrument_functional(model: nn.Module, sites, selected, start: int) -> list
         mod.attach(param)
         if not owner.__dict__.get("_sgs_functional_children"):
             owner.__dict__["_sgs_hook_id"] = owner.register_forward_pre_hook(_check_hooks).id
+            owner.__dict__["_sgs_load_hook_id"] = owner.register_load_state_dict_post_hook(_reattach_after_load).id
             owner.__dict__["_sgs_functional_children"] = []
         owner.__dict__["_sgs_functional_children"].append(child)
         names.append(f"{owner_name}.{child}" if owner_name else child)
@@ -83,6 +96,7 @@ def strip_functional(model: nn.Module) -> None:
             owner._modules[child].detach()
             del owner._modules[child]
         owner._forward_pre_hooks.pop(owner.__dict__.pop("_sgs_hook_id", None), None)
+        owner._load_state_dict_post_hooks.pop(owner.__dict__.pop("_sgs_load_hook_id", None), None)
 
 
 class ObserveFunctionalConvs(TorchFunctionMode):

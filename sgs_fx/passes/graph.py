@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..ops import SGSGraphWeight
+from ..ops import SGSConvMixin, SGSGraphWeight, attach_hook, hook_target
 
 logger = logging.getLogger("sgs_fx")
 
@@ -78,8 +78,12 @@ def _is_fake_quant(m: nn.Module) -> bool:
     return type(m).__name__.endswith(("FakeQuantize", "FakeQuantizeBase")) or hasattr(m, "fake_quant_enabled")
 
 
-def instrument_graph(gm: fx.GraphModule, selected, start: int, per_use: bool = False) -> list[str]:
-    """Insert an SGS node on the weight edge of every selected conv node; returns the new instrumented names."""
+def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
+    """Insert an SGS node on the weight edge of every selected conv node; returns the new instrumented names.
+
+    The nodes scale per use (see ``SGSGraphWeight``); an SGS conv module of the same graph whose weight a
+    node scales too is made to scale per use as well (each use then gets its own S, as for tied convs).
+    """
     holder = getattr(gm, SUBMODULE, None)
     if holder is None:
         holder = nn.Module()
@@ -104,8 +108,7 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int, per_use: bool = F
                 continue
             holder.add_module(child, mod)
             mod._sgs_order = start + len(names)
-            if per_use:
-                mod.__dict__["_sgs_per_use"] = True
+            mod.__dict__["_sgs_per_use"] = True
             mod.attach(param)
             names.append(f"{SUBMODULE}.{child}")
         x = node.args[0] if node.args else node.kwargs["input"]
@@ -118,7 +121,22 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int, per_use: bool = F
                        len(refused), "; ".join(refused[:5]))
     gm.graph.lint()
     gm.recompile()
+    _share_with_conv_modules(gm)
     return names
+
+
+def _share_with_conv_modules(gm: fx.GraphModule) -> None:
+    """A parameter that both an SGS conv module (a hook: S of all its uses) and a node scale: the conv per use."""
+    node_params = {id(m.__dict__.get("_sgs_param")) for m in gm.modules() if isinstance(m, SGSGraphWeight)}
+    shared = [n for n, m in gm.named_modules() if isinstance(m, SGSConvMixin) and not m._sgs_per_use
+              and id(hook_target(m)) in node_params]
+    for name in shared:
+        conv = gm.get_submodule(name)
+        conv.__dict__["_sgs_per_use"] = True
+        attach_hook(conv)
+    if shared:
+        logger.warning("sgs_fx.transform: conv module(s) %s share their weight with conv nodes of the graph; each "
+                       "use now scales by its own S (an autograd function per call)", ", ".join(shared))
 
 
 def _is_instrumented_edge(gm: fx.GraphModule, conv: fx.Node) -> bool:

@@ -126,7 +126,7 @@ def transform(
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
-            nodes = instrument_graph(model, selected, start=start + len(candidates), per_use=scaling == "graph")
+            nodes = instrument_graph(model, selected, start=start + len(candidates))
             if not candidates and not nodes and not already:
                 raise ValueError(f"sgs_fx.transform: the GraphModule has {conv_nodes} conv node(s) but none with a "
                                  "parameter weight is selected by the filter (see the warning above)")
