@@ -149,6 +149,21 @@ def test_a_conv_module_and_a_conv_node_sharing_a_weight_each_scale_their_use(cap
     assert (sgs.conv.weight.grad - expected).abs().max().item() <= 1e-10
 
 
+class NormedConvAndCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3, padding=1))
+
+    def forward(self, x):
+        return F.conv2d(self.conv(x), self.conv.parametrizations.weight.original1, padding=1)
+
+
+def test_a_parametrized_conv_sharing_its_original_with_a_node_is_refused():
+    gm = fx.symbolic_trace(NormedConvAndCall())
+    with pytest.raises(ValueError, match="parametrized conv 'conv' shares its original weight with a conv node"):
+        sgs_fx.transform(gm)
+
+
 class Computed(nn.Module):
     def __init__(self):
         super().__init__()

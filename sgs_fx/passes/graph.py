@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..ops import SGSConvMixin, SGSGraphWeight, attach_hook, hook_target
 
@@ -127,11 +128,16 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
 
 def _share_with_conv_modules(gm: fx.GraphModule) -> None:
     """A parameter that both an SGS conv module (a hook: S of all its uses) and a node scale: the conv per use."""
-    node_params = {id(m.__dict__.get("_sgs_param")) for m in gm.modules() if isinstance(m, SGSGraphWeight)}
+    node_params = {id(m.__dict__.get("_sgs_param")) for m in gm.modules()
+                   if isinstance(m, SGSGraphWeight) and not m.__dict__.get("_sgs_functional")}
     shared = [n for n, m in gm.named_modules() if isinstance(m, SGSConvMixin) and not m._sgs_per_use
               and id(hook_target(m)) in node_params]
     for name in shared:
         conv = gm.get_submodule(name)
+        if parametrize.is_parametrized(conv, "weight"):
+            raise ValueError(f"sgs_fx.transform: the parametrized conv {name!r} shares its original weight with a "
+                             "conv node of the graph; a parametrized conv cannot scale per use. Leave one of them "
+                             "out with filter_fn")
         conv.__dict__["_sgs_per_use"] = True
         attach_hook(conv)
     if shared:
