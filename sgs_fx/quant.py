@@ -245,4 +245,3 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
         logger.warning("quantize_ptq: calibrated on %d batches (the loader ran out before num_batches=%d)",
                        seen, num_batches)
     return ptq
-

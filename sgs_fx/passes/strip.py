@@ -1,7 +1,6 @@
 """Remove all instrumentation: SGS convs get their original class back, branched blocks are folded."""
 from __future__ import annotations
 
-
 from torch import fx, nn
 
 from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
@@ -39,4 +38,3 @@ def _strip_sgs(conv: nn.Module) -> None:
     del conv._buffers[SCALE_BUFFER]
     for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_master", "cls_to_become"):
         conv.__dict__.pop(key, None)
-
