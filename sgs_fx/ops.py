@@ -541,9 +541,6 @@ class SGSGraphWeight(nn.Module):
         state.pop("_sgs_hook", None)
         return state
 
-    def _replicate_for_data_parallel(self):
-        return _replicate(self, super()._replicate_for_data_parallel)
-
     def __setstate__(self, state):
         super().__setstate__(state)
         if not self.__dict__.get("_sgs_functional", False):

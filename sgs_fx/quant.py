@@ -213,7 +213,7 @@ def quantize_ptq(model: nn.Module, batches: Iterable, *, num_batches: int = 32, 
         raise TypeError("quantize_ptq: input_fn returned a dict (keyword inputs); the quantized model is traced "
                         "with positional inputs: return a tuple in the order of the model's arguments")
     qmap = _default_mapping(qat=False, weight_bits=weight_bits) if qconfig_mapping is None else qconfig_mapping
-    ptq = prepare_qat(plain, x0 if isinstance(x0, tuple) else (x0,), qconfig_mapping=qmap).eval()
+    ptq = prepare_qat(plain, x0, qconfig_mapping=qmap).eval()  # a tuple: the positional inputs
     fakes = [m for m in ptq.modules() if is_fake_quant(m)]
     # Calibrate the float model: fake-quant off, each observer fed directly (FakeQuantize would otherwise
     # recompute the histogram's qparams at every call), qparams taken once at the end.

@@ -205,7 +205,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     session = _session(path, report)
     _compare(plain, session, xs, sizes, report)
     if quantized:
-        _agreement(plain, session, xs, check_input, report, fixed_batch=None if dynamic_batch else len(xs[0]))
+        _agreement(plain, session, xs, check_input, report, fixed_batch=None if dynamic_batch else _batch_size(xs[0]))
     if not report.passed:
         limit = f"agrees on top-1 below min_agreement={min_agreement:g}" if quantized else \
             f"differs from PyTorch beyond atol={atol:g} + rtol={rtol:g} x max |output|"

@@ -29,23 +29,26 @@ def _check_hooks(owner: nn.Module, args) -> None:
     """Forward pre-hook of an owner: its SGS weights sit on its current Parameters (module-level: picklable)."""
     if _tracing():
         return
-    for child in owner.__dict__.get("_sgs_functional_children", ()):
-        mod = owner._modules[child]
-        param = owner._parameters.get(child[len(PREFIX):])
+    for mod, param in _holders_and_params(owner):
         # same object, other C++ tensor: torch.utils.swap_tensors (to() / load_state_dict under
         # torch.__future__.set_swap_module_params_on_conversion) dropped the hook
-        if isinstance(param, nn.Parameter) and not (_attached_for(mod, param)
-                                                    and mod.__dict__["_sgs_hook"].impl == param._cdata):
+        if not (_attached_for(mod, param) and mod.__dict__["_sgs_hook"].impl == param._cdata):
             mod.attach(param)
 
 
 def _reattach_after_load(owner: nn.Module, incompatible_keys) -> None:
     """Load-state-dict post-hook of an owner: ``assign=True`` or swapped tensors leave the hook behind, and a
     compiled forward cannot re-check it, so re-attach now."""
+    for mod, param in _holders_and_params(owner):
+        mod.attach(param)
+
+
+def _holders_and_params(owner: nn.Module):
+    """(S holder, the owner's current Parameter it scales) for each instrumented F.conv parameter of ``owner``."""
     for child in owner.__dict__.get("_sgs_functional_children", ()):
         param = owner._parameters.get(child[len(PREFIX):])
         if isinstance(param, nn.Parameter):
-            owner._modules[child].attach(param)
+            yield owner._modules[child], param
 
 
 def instrument_functional(model: nn.Module, sites, selected, start: int) -> list[str]:

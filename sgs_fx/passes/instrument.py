@@ -9,6 +9,7 @@ from torch import Tensor, fx, nn
 
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from ..ops import SCALE_BUFFER, attach_hook, hook_target, is_pruned, scale_dtype, sgs_class_for
 from .branches import instrument_branches
@@ -169,7 +170,6 @@ def _order_by_graph(gm: fx.GraphModule) -> None:
 
 def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None:
     """Convs the pass cannot instrument correctly: a clear error before anything is copied or changed."""
-    from torch.nn.utils import parametrize
     from torch.nn.utils.weight_norm import WeightNorm
 
     for name, m in model.named_modules():
@@ -190,7 +190,7 @@ def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None
                 f"sgs_fx.transform(mode='branches'): conv {name!r} is pruned (torch.nn.utils.prune), and its mask "
                 "would not carry over to separate branch kernels; use mode='sgs' (it scales weight_orig) or "
                 "prune.remove the mask first")
-        if parametrize.is_parametrized(m, "weight"):
+        if _parametrized(m):
             if mode == "branches":
                 raise ValueError(
                     f"sgs_fx.transform(mode='branches'): conv {name!r} has a parametrized weight "
@@ -203,8 +203,6 @@ def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None
 
 
 def _parametrized(conv: nn.Module) -> bool:
-    from torch.nn.utils import parametrize
-
     return parametrize.is_parametrized(conv, "weight")
 
 
