@@ -18,9 +18,11 @@ from .quant import freeze, prepare_qat, qconfig_mapping, quantize_ptq
 from .scaling.mi import dependence
 from .scaling.equivalence import equivalent_scales
 from .scaling.scheduler import MIScheduler
+from .step import StepAttachment, attach_optimizer
 from .verify import VerifyReport, verify
 
 __all__ = ["transform", "instrumented", "get_scales", "set_scales", "strip", "scale_grad", "dependence", "MIScheduler",
+           "attach_optimizer", "StepAttachment",
            "export_onnx", "ExportReport", "ExportMismatchError", "UnsupportedQuantizationError",
            "prepare_qat", "quantize_ptq", "qconfig_mapping", "freeze",
            "equivalent_scales", "verify", "VerifyReport"]

@@ -39,7 +39,7 @@ from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .optimizers import register_scaled, unregister_scaled
+from .optimizers import in_step_optimizer, register_scaled, unregister_scaled
 
 __all__ = ["scale_grad", "SGSConvMixin", "SGSGraphWeight", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
            "attach_hook", "detach_hook", "scale_dtype"]
@@ -97,9 +97,11 @@ class _HookState:
 
     __slots__ = ("param", "scale", "handle", "hooked", "impl")
 
-    def __init__(self, param, scale, handle):
+    def __init__(self, param, scale, handle, at_step=False):
         self.param, self.scale, self.handle = param, scale, handle
-        self.hooked = handle is not None
+        # the weight's gradient is scaled without per-use work: by the hook, or (scaling="step") by an
+        # optimizer given to sgs_fx.attach_optimizer, which holds this very Parameter
+        self.hooked = handle is not None or at_step
         # torch.utils.swap_tensors keeps the Parameter object and gives it another C++ tensor, without the hook
         self.impl = param._cdata if param is not None else None
 
@@ -189,7 +191,7 @@ def attach_hook(conv: nn.Module) -> None:
             other.__dict__["_sgs_per_use"] = True
             attach_hook(other)
             conv.__dict__["_sgs_per_use"] = True
-    handle = None
+    handle, at_step = None, False
     if not conv.__dict__.get("_sgs_per_use", False):
         # S.mul(grad): a bound C method with a positional argument, half the call cost of a keyword partial;
         # the product is the same bits (multiplication commutes) and keeps the gradient's memory format.
@@ -197,7 +199,9 @@ def attach_hook(conv: nn.Module) -> None:
         # before the owner's own parameters: that hook must cope with the weight's dtype changing under it.
         functional = conv.__dict__.get("_sgs_functional", False)
         fn = s.mul if s.dtype == w.dtype and not functional else functools.partial(_mul_cast, s)
-        if w.requires_grad:
+        if conv.__dict__.get("_sgs_step", False):
+            at_step = in_step_optimizer(w)  # scaling="step": no hook; the optimizer's step pre-hook scales .grad
+        elif w.requires_grad:
             handle = _register(w, fn)
         elif w.grad_fn is None and not w.is_inference():
             # A frozen weight may be unfrozen later (fine-tuning): the hook must already be there.
@@ -210,8 +214,8 @@ def attach_hook(conv: nn.Module) -> None:
             key = id(w)
             _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _OWNERS.pop(key, None) if _OWNERS.get(key) is ref
                                        else None)
-    conv.__dict__["_sgs_hook"] = _HookState(w, s, handle)
-    register_scaled(w)
+    conv.__dict__["_sgs_hook"] = _HookState(w, s, handle, at_step)
+    register_scaled(w, at_step=conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False))
 
 
 def _register(w: Tensor, fn) -> object:
@@ -260,12 +264,31 @@ def _replicate(module: nn.Module, make_replica) -> nn.Module:
     """
     if not _attached_for(module, _target_of(module)):
         attach_hook(module)  # the original's forward, which would re-check, does not run under DataParallel
+    _require_step_optimizer(module)
     state = module.__dict__.get("_sgs_hook")
     per_use = module.__dict__.get("_sgs_per_use", False) or state is None or not state.hooked
     replica = make_replica()
     replica.__dict__.pop("_sgs_hook", None)
     replica.__dict__["_sgs_replica"] = "per_use" if per_use else "hooked"
     return replica
+
+
+def _require_step_optimizer(conv: nn.Module) -> None:
+    """``scaling="step"``: a forward that records gradients needs an attached optimizer holding the weight,
+    or nothing would ever scale its gradient."""
+    if not conv.__dict__.get("_sgs_step", False) or conv.__dict__.get("_sgs_per_use", False):
+        return
+    state = conv.__dict__.get("_sgs_hook")
+    if state is not None and not state.hooked and not _tracing():
+        attach_hook(conv)  # attached (or added to an attached optimizer's param groups) since the last check
+        state = conv.__dict__.get("_sgs_hook")
+    if state is None or state.hooked or not torch.is_grad_enabled() or not state.param.requires_grad:
+        return
+    raise RuntimeError(
+        f"sgs_fx: {type(conv).__name__} was transformed with scaling='step', and its weight is in no optimizer given "
+        "to sgs_fx.attach_optimizer, so nothing would scale its gradient. Create the optimizer over the "
+        "transformed model's parameters and call sgs_fx.attach_optimizer(optimizer) before training "
+        "(under FSDP2, transform with scaling='hook')")
 
 
 def _replica_weight(conv: nn.Module, w: Tensor) -> Tensor:
@@ -308,6 +331,7 @@ class SGSConvMixin:
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
+        _require_step_optimizer(self)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
             w = self.weight
         if self.__dict__.get("_sgs_per_use", False):
@@ -420,6 +444,7 @@ class _SGSParametrizedMixin(SGSConvMixin):
             _refuse_foreign_trace(self)
         if not _tracing() and not _attached_for(self, hook_target(self)):
             attach_hook(self)
+        _require_step_optimizer(self)
         return self._sgs_base.forward(self, *args, **kwargs)
 
 

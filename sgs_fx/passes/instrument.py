@@ -24,6 +24,7 @@ __all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_sc
 logger = logging.getLogger("sgs_fx")
 
 MODES = ("sgs", "branches")
+SCALINGS = ("hook", "graph", "step")
 
 
 def transform(
@@ -51,9 +52,12 @@ def transform(
         branches: ``mode="branches"`` only: a recipe name ("acb", "repvgg", "skeleton") or a list of
             ``(kernel_shape, alpha)`` pairs; default: masked branches reproducing ``scales``.
         scaling: how a conv module's weight gradient is scaled. ``"hook"`` (default): a gradient hook on the
-            Parameter, the cheapest in eager mode. ``"graph"``: ``scale_grad`` in the conv's forward graph,
-            which ``torch.compile`` fuses into the compiled backward (cheapest compiled, ~15 % dearer eager).
-            Same gradients either way. F.conv calls of ordinary modules always use the hook.
+            Parameter, exact wherever a gradient is computed. ``"graph"``: ``scale_grad`` in the conv's forward
+            graph, which ``torch.compile`` fuses into the compiled backward (~15 % dearer eager).
+            ``"step"``: no hook and no graph op; the optimizer given to ``sgs_fx.attach_optimizer`` multiplies
+            every weight's ``.grad`` by S at the start of its ``step()`` (the cheapest, eager and compiled;
+            ``torch.autograd.grad`` and gradient clipping see the unscaled gradient: see ``sgs_fx.step``).
+            The same update in every case. F.conv calls of ordinary modules always use the hook.
 
     Returns:
         The transformed model (``model`` itself when ``inplace=True``).
@@ -69,8 +73,9 @@ def transform(
         )
     if mode == "sgs" and branches is not None:
         raise ValueError("sgs_fx.transform: `branches` only applies to mode='branches'")
-    if scaling not in ("hook", "graph"):
-        raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'hook' (eager) or 'graph' (torch.compile)")
+    if scaling not in SCALINGS:
+        raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'hook' (the default), 'graph' "
+                         "(torch.compile) or 'step' (with sgs_fx.attach_optimizer)")
     _refuse_unsupported(model, mode, filter_fn or default_filter)
     if not inplace:
         model = copy_model(model, "sgs_fx.transform")
@@ -123,7 +128,7 @@ def transform(
             # scaling="graph" puts scale_grad in each conv's forward; a parametrized weight is computed inside
             # the forward of torch's parametrization, so its original keeps the hook (also exact when compiled)
             graph = scaling == "graph" and not _parametrized(modules[name])
-            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or graph)
+            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or graph, at_step=scaling == "step")
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
@@ -225,7 +230,7 @@ def _tied_weights(modules: dict[str, nn.Module], candidates: list[str]) -> set[s
     return tied
 
 
-def _instrument_sgs(conv: nn.Module, order: int, per_use: bool) -> None:
+def _instrument_sgs(conv: nn.Module, order: int, per_use: bool, at_step: bool) -> None:
     kernel = tuple(conv.kernel_size)
     w = hook_target(conv)
     cls = sgs_class_for(type(conv))
@@ -239,5 +244,7 @@ def _instrument_sgs(conv: nn.Module, order: int, per_use: bool) -> None:
     conv._sgs_order = order
     if per_use:
         conv.__dict__["_sgs_per_use"] = True
+    if at_step:
+        conv.__dict__["_sgs_step"] = True
     if not isinstance(conv, LazyModuleMixin) or not conv.has_uninitialized_params():
         attach_hook(conv)

@@ -1,0 +1,136 @@
+"""``scaling="step"``: S applied to the conv weights' ``.grad`` by the optimizer's step, all at once.
+
+The default hook multiplies each weight gradient as the backward pass produces it, right after that conv's
+backward kernel; in a step bound by host-side per-op work that multiplication costs 2-4 times its isolated time
+(BENCHMARKS.md). Here the convs carry no hook and no forward-graph op at all, and a step pre-hook of the
+optimizer multiplies every instrumented weight's ``.grad`` by its S with one ``torch._foreach_mul_``, warm,
+as the official implementation does after backward. S is linear, so this is the same update: micro-batches
+accumulated into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction,
+GradScaler's unscaling commutes with it, and a compiled model's graph holds no S (S updates never recompile).
+
+What it cannot do, and the default hook can: ``torch.autograd.grad`` and anything that reads ``.grad``
+between backward and ``optimizer.step()`` (gradient clipping, logging) see the unscaled gradient; an
+optimizer step with a closure (LBFGS, Lightning's automatic optimization) computes its gradients inside
+the step, after the pre-hook, and is refused; FSDP2's sharded DTensor parameters are refused.
+
+S is never lost unseen: an instrumented conv's forward with gradients enabled raises while its weight is in
+no attached optimizer, and any other ``torch.optim`` optimizer stepping such a weight raises at its step.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from .ops import _OWNERS, SCALE_BUFFER, attach_hook
+from .optimizers import _CHECKED, STEP_MARK, STEP_OPTIMIZERS
+
+__all__ = ["attach_optimizer", "StepAttachment"]
+
+# On a gradient tensor: its version counter right after S was applied, so a second step with no backward in
+# between (two optimizers holding one weight, an LR finder) does not apply S twice.
+_SCALED_AT = "_sgs_scaled_at"
+
+
+class StepAttachment:
+    """What ``attach_optimizer`` returns: ``remove()`` detaches the optimizers again."""
+
+    def __init__(self, optimizers, handles):
+        self._optimizers = [weakref.ref(o) for o in optimizers]
+        self._handles = handles
+
+    def remove(self) -> None:
+        for ref, handle in zip(self._optimizers, self._handles):
+            handle.remove()
+            opt = ref()
+            if opt is not None:
+                STEP_OPTIMIZERS.discard(opt)
+                _CHECKED.pop(opt, None)  # its next step is checked again (and refused if it still holds SGS weights)
+                for _, conv in _step_convs(opt):
+                    attach_hook(conv)
+
+
+def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
+    """Scale the gradients of the conv weights these optimizers step, in their ``step()``.
+
+    For models transformed with ``scaling="step"``; call once, after creating the optimizer(s) over the
+    transformed model's parameters (GANs and the like: pass each optimizer that steps instrumented weights)::
+
+        model = sgs_fx.transform(model, scaling="step")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sgs_fx.attach_optimizer(opt)
+
+    Returns a handle whose ``remove()`` undoes it.
+    """
+    if not optimizers:
+        raise TypeError("sgs_fx.attach_optimizer needs at least one optimizer")
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
+        _refuse_dtensors(opt)
+    handles = []
+    for opt in optimizers:
+        if not any(p.__dict__.get(STEP_MARK, False) for g in opt.param_groups for p in g["params"]):
+            hooked = sum(bool(p.__dict__.get("_sgs_scaled")) for g in opt.param_groups for p in g["params"])
+            raise ValueError(
+                f"sgs_fx.attach_optimizer: this {type(opt).__name__} steps no conv weight transformed with "
+                "scaling='step'" + (f" ({hooked} SGS weight(s) of it are scaled by gradient hooks or per use "
+                                    "already: nothing to attach)" if hooked else
+                                    "; create it over the transformed model's parameters"))
+        STEP_OPTIMIZERS.add(opt)
+        handles.append(opt.register_step_pre_hook(_scale_before_step))
+    for opt in optimizers:
+        for _, conv in _step_convs(opt):
+            attach_hook(conv)  # its forward then takes the fast path (and no longer refuses to train)
+    return StepAttachment(optimizers, handles)
+
+
+def _refuse_dtensors(opt: torch.optim.Optimizer) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return
+    if any(isinstance(p, DTensor) for g in opt.param_groups for p in g["params"]):
+        raise ValueError(
+            "sgs_fx.attach_optimizer: the optimizer holds sharded DTensor parameters (FSDP2), which "
+            "scaling='step' does not handle; transform with scaling='hook' (the default), whose hook runs "
+            "on the unsharded weight's gradient before FSDP2 reduce-scatters it")
+
+
+def _step_convs(opt: torch.optim.Optimizer):
+    """(Parameter, conv) for each weight of ``opt`` that a conv instrumented with scaling="step" owns."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not p.__dict__.get(STEP_MARK, False):
+                continue
+            ref = _OWNERS.get(id(p))
+            conv = ref() if ref is not None else None
+            if conv is not None and conv.__dict__.get("_sgs_step", False) and \
+                    not conv.__dict__.get("_sgs_per_use", False):
+                state = conv.__dict__.get("_sgs_hook")
+                if state is not None and state.param is p:
+                    yield p, conv
+
+
+def _scale_before_step(opt: torch.optim.Optimizer, args, kwargs):
+    # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
+    if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
+        raise RuntimeError(
+            f"sgs_fx: {type(opt).__name__}.step was called with a closure, which computes the gradients inside "
+            "the step, after scaling='step' has applied S; transform with scaling='hook' (the default) for "
+            "closure-based optimizers (LBFGS) and trainers that pass one (Lightning's automatic optimization)")
+    grads: list[Tensor] = []
+    scales: list[Tensor] = []
+    for p, conv in _step_convs(opt):
+        g = p.grad
+        if g is None or g.__dict__.get(_SCALED_AT) == g._version:
+            continue
+        grads.append(g)
+        scales.append(conv._buffers[SCALE_BUFFER])
+    if grads:
+        with torch.no_grad():
+            torch._foreach_mul_(grads, scales)  # in place: a half-precision gradient is rounded once
+        for g in grads:
+            g.__dict__[_SCALED_AT] = g._version
+    return None
