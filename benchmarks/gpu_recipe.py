@@ -45,11 +45,15 @@ def run(name: str, args, data, device: torch.device) -> dict:
     model = build_model(args.model, width=args.width).to(device).to(memory_format=torch.channels_last)
     sched = None
     if name == "sgs":
-        model = sgs_fx.transform(model)
+        model = sgs_fx.transform(model, scaling=args.scaling)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4,
                           fused=device.type == "cuda")
-    # reduce-overhead = CUDA graphs: the step is launch-bound at CIFAR sizes. SGS's hooks run on the weight
-    # gradients the graphed backward returns, and the MI calibration runs the uncompiled model.
+    if name == "sgs" and args.scaling == "step":
+        sgs_fx.attach_optimizer(opt)
+    # reduce-overhead = CUDA graphs: the step is launch-bound at CIFAR sizes. With scaling="step" the graphed
+    # forward and backward are the plain model's, and S is applied to .grad before the fused SGD step (with
+    # "hook", the hooks run on the weight gradients the graphed backward returns). The MI calibration runs
+    # the uncompiled model.
     step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     train_x = data.train_images.to(device)
     train_y = data.train_labels.to(device)
@@ -112,7 +116,8 @@ def run(name: str, args, data, device: torch.device) -> dict:
            "train_wall_s": wall, "first_epoch_s": first_epoch_s, "calibrations": calibrations,
            "calibration_s": calibration_s, "final_loss": loss.item(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "compile": args.compile and args.compile_mode, "seed": args.seed}
+           "compile": args.compile and args.compile_mode, "seed": args.seed,
+           "scaling": args.scaling if name == "sgs" else None}
     row.update(projection(row, args.full_epochs, sched))
     return row
 
@@ -144,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="SGS warm-up epochs (S = ones before)")
+    p.add_argument("--scaling", default="step", choices=["hook", "graph", "step"],
+                   help="how the SGS run scales its weight gradients (sgs_fx.transform's scaling)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode (reduce-overhead: CUDA graphs; unmeasured on a GPU so far)")

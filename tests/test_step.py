@@ -114,6 +114,16 @@ def test_the_update_uses_the_scaled_gradient():
         torch.testing.assert_close(dict(sgs.named_parameters())[name].detach(), before[name] - 0.5 * g, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("make", [same_net, _weight_normed], ids=["own_forward", "parametrized"])
+def test_every_conv_class_refuses_to_train_unattached(make):
+    sgs = sgs_fx.transform(make(), scaling="step")
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        sgs[0](X)  # the first conv alone: the own-forward, or the parametrized, class
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
+    sgs_fx.attach_optimizer(opt)
+    sgs(X)
+
+
 def test_training_forward_without_an_attached_optimizer_raises():
     sgs = sgs_fx.transform(net(), scaling="step")
     with pytest.raises(RuntimeError, match="attach_optimizer"):
