@@ -149,6 +149,13 @@ def saved_bytes(model, x, y) -> int:
 def bench(name: str, args) -> dict:
     st = Setting(args, name)
     variants, steps = make_variants(name, st, args.compile, branches=not args.dispatch_bound)
+    if args.variants:  # torch.compile compiles on the first call: a variant left out costs nothing
+        unknown = set(args.variants) - set(variants)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {sorted(variants)}")
+        keep = {"plain", "plain_compiled"} | set(args.variants)
+        variants = {k: v for k, v in variants.items() if k in keep}
+        steps = {k: v for k, v in steps.items() if k in keep}
     x = torch.randn(st.batch, 3, st.hw, st.hw, device=st.device)
     if st.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -200,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--dispatch-bound", action="store_true",
                    help="host-bound CPU regime: width 0.125, batch 8, 1 thread (a proxy of a GPU step)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--variants", nargs="+", help="time only these variants (and plain / plain_compiled)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and a narrow model (a minute)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

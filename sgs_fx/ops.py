@@ -19,6 +19,10 @@ unpickling re-attach it eagerly, which covers ``torch.compile``, whose traced fo
 gradients autograd sums into the original Parameters: replicas leave the hook to the original (see
 ``_replicate``). Under ``torch.nn.utils.prune`` the trained tensor is ``weight_orig``, and the hook sits there.
 
+Under ``transform(..., scaling="step")`` a conv carries no hook: the optimizer given to
+``sgs_fx.attach_optimizer`` scales ``.grad`` in its step (``sgs_fx/step.py``), and the conv's forward only
+checks that such an optimizer holds its weight (``_require_step_optimizer``).
+
 Where one Parameter feeds several SGS convs (tied weights), a single hook cannot give each use its own S:
 those convs scale *per use* instead, with ``scale_grad`` (an autograd function in the forward graph, exact
 and slower), so the tied weight gets S₁ ⊙ G₁ + S₂ ⊙ G₂.
@@ -370,7 +374,8 @@ class SGSConvMixin:
             attach_hook(self)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", sgs=per-use" if self._sgs_per_use else ", sgs=True")
+        how = "per-use" if self._sgs_per_use else "step" if self.__dict__.get("_sgs_step") else "True"
+        return super().extra_repr() + f", sgs={how}"
 
     # Explicit so that classes with a __deepcopy__ of their own (parametrized modules) copy the same way.
     __deepcopy__ = _deepcopy_without_hook

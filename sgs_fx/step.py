@@ -33,18 +33,21 @@ __all__ = ["attach_optimizer", "StepAttachment"]
 _SCALED_AT = "_sgs_scaled_at"
 
 
+# optimizer -> the handle of its step pre-hook (attaching twice registers one hook)
+_HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, object]" = weakref.WeakKeyDictionary()
+
+
 class StepAttachment:
     """What ``attach_optimizer`` returns: ``remove()`` detaches the optimizers again."""
 
-    def __init__(self, optimizers, handles):
+    def __init__(self, optimizers):
         self._optimizers = [weakref.ref(o) for o in optimizers]
-        self._handles = handles
 
     def remove(self) -> None:
-        for ref, handle in zip(self._optimizers, self._handles):
-            handle.remove()
+        for ref in self._optimizers:
             opt = ref()
-            if opt is not None:
+            if opt is not None and opt in _HANDLES:
+                _HANDLES.pop(opt).remove()
                 STEP_OPTIMIZERS.discard(opt)
                 _CHECKED.pop(opt, None)  # its next step is checked again (and refused if it still holds SGS weights)
                 for _, conv in _step_convs(opt):
@@ -61,7 +64,7 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sgs_fx.attach_optimizer(opt)
 
-    Returns a handle whose ``remove()`` undoes it.
+    Attaching an optimizer again changes nothing. Returns a handle whose ``remove()`` undoes it.
     """
     if not optimizers:
         raise TypeError("sgs_fx.attach_optimizer needs at least one optimizer")
@@ -69,7 +72,6 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
         _refuse_dtensors(opt)
-    handles = []
     for opt in optimizers:
         if not any(p.__dict__.get(STEP_MARK, False) for g in opt.param_groups for p in g["params"]):
             hooked = sum(bool(p.__dict__.get("_sgs_scaled")) for g in opt.param_groups for p in g["params"])
@@ -78,12 +80,13 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
                 "scaling='step'" + (f" ({hooked} SGS weight(s) of it are scaled by gradient hooks or per use "
                                     "already: nothing to attach)" if hooked else
                                     "; create it over the transformed model's parameters"))
+        if opt not in _HANDLES:
+            _HANDLES[opt] = opt.register_step_pre_hook(_scale_before_step)
         STEP_OPTIMIZERS.add(opt)
-        handles.append(opt.register_step_pre_hook(_scale_before_step))
     for opt in optimizers:
         for _, conv in _step_convs(opt):
             attach_hook(conv)  # its forward then takes the fast path (and no longer refuses to train)
-    return StepAttachment(optimizers, handles)
+    return StepAttachment(optimizers)
 
 
 def _refuse_dtensors(opt: torch.optim.Optimizer) -> None:

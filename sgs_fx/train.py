@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     scales: str = "mi"  # "mi" (SGS, MI-driven), "none" (baseline), "acb" / "repvgg" / "skeleton" (fixed S)
     mode: str = "sgs"  # "sgs" or "branches" (real multi-branch blocks for the recipe in `scales`)
+    scaling: str = "hook"  # how SGS scales the gradients: "hook" or "step" (sgs_fx.transform's `scaling`)
     k: float = 5
     every: int = 5
     warmup: int = 1
@@ -96,6 +97,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--scales {cfg.scales!r}: use mi, none, acb, repvgg or skeleton")
     if cfg.mode not in ("sgs", "branches"):
         raise ValueError(f"--mode {cfg.mode!r}: use sgs or branches")
+    if cfg.scaling not in ("hook", "step"):
+        raise ValueError(f"--scaling {cfg.scaling!r}: use hook or step")
     if cfg.mode == "branches" and cfg.scales in ("mi", "none"):
         raise ValueError("--mode branches needs a recipe: --scales acb, repvgg or skeleton")
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -155,11 +158,19 @@ def build(cfg: TrainConfig, device: torch.device) -> nn.Module:
         return model
     if cfg.mode == "branches":
         return sgs_fx.transform(model, mode="branches", branches=cfg.scales)
-    model = sgs_fx.transform(model)
+    model = sgs_fx.transform(model, scaling=cfg.scaling)
     if cfg.scales != "mi":  # fixed scales reproducing a branch recipe, at no structural cost
         sgs_fx.set_scales(model, {n: sgs_fx.equivalent_scales(cfg.scales, m.kernel_size)[0]
                                   for n, m in sgs_fx.instrumented(model).items()})
     return model
+
+
+def optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's SGD over ``model``; attached to SGS when S is applied in its step (``scaling="step"``)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.scaling == "step" and cfg.mode == "sgs" and cfg.scales != "none":
+        sgs_fx.attach_optimizer(opt)
+    return opt
 
 
 def qat_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -172,7 +183,7 @@ def qat_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Mo
     qat = sgs_fx.prepare_qat(plain, torch.zeros(2, 3, 32, 32, device=device), inplace=True,
                              qconfig_mapping=sgs_fx.qconfig_mapping(weight_bits=cfg.weight_bits))
     if scales is not None:
-        qat = sgs_fx.transform(qat, inplace=True)
+        qat = sgs_fx.transform(qat, inplace=True, scaling=cfg.scaling)
         sgs_fx.set_scales(qat, scales)
     return qat
 
@@ -183,7 +194,7 @@ def to_qat(model: nn.Module, opt: torch.optim.Optimizer, sched_lr, cfg: TrainCon
     The parameters SGS keeps (``qat_model``) keep their momentum; folded branches start without.
     """
     qat = qat_model(model, cfg, device)
-    new_opt = torch.optim.SGD(qat.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    new_opt = optimizer(qat, cfg)
     new_opt.param_groups[0].update({k: v for k, v in opt.param_groups[0].items() if k != "params"})
     new_opt.state.update({p: opt.state[p] for p in qat.parameters() if p in opt.state})
     new_sched = torch.optim.lr_scheduler.CosineAnnealingLR(new_opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
@@ -202,7 +213,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     out = Path(cfg.out)
     data = synthetic_cifar(seed=cfg.seed) if cfg.data == "synthetic" else load_cifar10(cfg.data_dir)
     core = build(cfg, device)
-    opt = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = optimizer(core, cfg)
     sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
     history: dict = {"metrics": [], "scales": {}}
     start = 0

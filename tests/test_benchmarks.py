@@ -68,7 +68,12 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
     _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
          "--warmup", "1", "--json", str(tmp_path / "o.json"))
     res = json.loads((tmp_path / "o.json").read_text())["results"]["vgg11_bn"]
-    assert {"plain", "plain_again", "sgs", "sgs_per_use", "official"} <= set(res) and res["setting"]["threads"] == 1
+    assert {"plain", "plain_again", "sgs", "sgs_per_use", "sgs_step", "official"} <= set(res)
+    assert res["setting"]["threads"] == 1
+    _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
+         "--warmup", "1", "--variants", "sgs_step", "--json", str(tmp_path / "v.json"))
+    res = json.loads((tmp_path / "v.json").read_text())["results"]["vgg11_bn"]
+    assert set(res) == {"plain", "sgs_step", "setting"}
 
 
 def test_hook_cost_smoke(tmp_path):

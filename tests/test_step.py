@@ -85,10 +85,15 @@ def test_accumulated_micro_batches_are_scaled_once():
 
 def test_a_second_step_without_backward_does_not_scale_again():
     sgs, opt, scales = attached()
+    again = sgs_fx.attach_optimizer(opt)  # attached twice: still one pre-hook
+    assert len(opt._optimizer_step_pre_hooks) == 1
     want = expected(plain_grads(net(), X), scales)
-    step_grads(sgs, opt, X)
+    assert_exact(step_grads(sgs, opt, X), want)
     opt.step()  # no backward in between (an LR finder, a second optimizer over the same weights)
     assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+    again.remove()  # either handle detaches the optimizer
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        sgs(X)
 
 
 def test_zero_grad_without_set_to_none_scales_the_new_gradient():

@@ -118,3 +118,18 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert len(rows) == 2  # rank 0 alone writes
     summary = json.loads((out / "summary.json").read_text())
     assert summary["onnx"]["passed"] and summary["scales"]
+
+
+def test_step_scaling_trains_bit_for_bit_like_the_hook(tmp_path):
+    # One backward per step: the hook's S * G and the step's in-place G * S are the same products, so the two
+    # runs (resumed, and through the switch to fake-quant training) end with identical weights.
+    small = {**SMALL, "qat_epoch": 2}
+    train(TrainConfig(out=str(tmp_path / "hook"), export=False, plots=False, **small))
+    cfg = TrainConfig(out=str(tmp_path / "step"), scaling="step", export=False, plots=False, **small)
+    train(cfg, stop_at=1)
+    train(cfg, resume=True)
+    a = torch.load(tmp_path / "hook" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "step" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not all(torch.equal(s, torch.ones_like(s)) for s in b["mi"]["scales"].values())
