@@ -448,3 +448,15 @@ def test_mi_scheduler_calibrates_a_step_model():
     scales = sgs_fx.get_scales(sgs)
     assert any(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
     assert_exact(step_grads(sgs, opt, X), expected(plain_grads(net(), X), scales))
+
+
+def test_a_compiled_optimizer_step_still_applies_S():
+    sgs, opt, scales = attached()
+    want = expected(plain_grads(net(), X), scales)
+    torch._dynamo.reset()
+    compiled_step = torch.compile(opt.step)  # the pre-hook runs inside the compiled step (graph breaks allowed)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        sgs(X).pow(2).sum().backward()
+        compiled_step()
+        assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
