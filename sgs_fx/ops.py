@@ -157,11 +157,15 @@ def _attached_for(m: nn.Module, target: Tensor | None) -> bool:
     return state is not None and state.param is target and state.scale is m._buffers[SCALE_BUFFER]
 
 
+# what a copy (deepcopy, pickle) of an SGS module does not take along: its weight is a new tensor
+_NOT_COPIED = ("_sgs_hook", "_sgs_sharded")
+
+
 def _deepcopy_without_hook(module: nn.Module, memo: dict) -> nn.Module:
     """Everything but the hook state is copied; the copy's weight is a new tensor and gets a hook of its own."""
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
-    new.__dict__.update(copy.deepcopy({k: v for k, v in module.__dict__.items() if k != "_sgs_hook"}, memo))
+    new.__dict__.update(copy.deepcopy({k: v for k, v in module.__dict__.items() if k not in _NOT_COPIED}, memo))
     attach_hook(new)
     return new
 
@@ -204,7 +208,7 @@ def attach_hook(conv: nn.Module) -> None:
         functional = conv.__dict__.get("_sgs_functional", False)
         fn = s.mul if s.dtype == w.dtype and not functional else functools.partial(_mul_cast, s)
         if conv.__dict__.get("_sgs_step", False):
-            at_step = in_step_optimizer(w)  # scaling="step": no hook; the optimizer's step pre-hook scales .grad
+            at_step = _step_attached(conv, w)  # scaling="step": no hook; the optimizer's step pre-hook scales .grad
         elif w.requires_grad:
             handle = _register(w, fn)
         elif w.grad_fn is None and not w.is_inference():
@@ -220,6 +224,32 @@ def attach_hook(conv: nn.Module) -> None:
                                        else None)
     conv.__dict__["_sgs_hook"] = _HookState(w, s, handle, at_step)
     register_scaled(w, at_step=conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False))
+
+
+# id(sharded parameter) -> the conv it belongs to, under FSDP2 with scaling="step": the conv holds the unsharded
+# parameter from forward to the end of backward (or to the step, with reshard_after_backward off), and the
+# attached optimizer's step must still find it from the sharded one it steps.
+_SHARDED_OWNERS: "dict[int, weakref.ref]" = {}
+
+
+def is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _step_attached(conv: nn.Module, w: Tensor) -> bool:
+    """``scaling="step"``: whether an attached optimizer steps ``w`` or, under FSDP2, the sharded parameter
+    (a DTensor of the same global shape) that ``w`` was gathered from."""
+    if in_step_optimizer(w):
+        if is_dtensor(w):
+            conv.__dict__["_sgs_sharded"] = w
+            _SHARDED_OWNERS[id(w)] = weakref.ref(conv)
+        return True
+    sharded = conv.__dict__.get("_sgs_sharded")
+    return sharded is not None and tuple(sharded.shape) == tuple(w.shape) and in_step_optimizer(sharded)
 
 
 def _register(w: Tensor, fn) -> object:
@@ -291,8 +321,7 @@ def _require_step_optimizer(conv: nn.Module) -> None:
     raise RuntimeError(
         f"sgs_fx: {type(conv).__name__} was transformed with scaling='step', and its weight is in no optimizer given "
         "to sgs_fx.attach_optimizer, so nothing would scale its gradient. Create the optimizer over the "
-        "transformed model's parameters and call sgs_fx.attach_optimizer(optimizer) before training "
-        "(under FSDP2, transform with scaling='hook')")
+        "transformed model's parameters and call sgs_fx.attach_optimizer(optimizer) before training")
 
 
 def _replica_weight(conv: nn.Module, w: Tensor) -> Tensor:
@@ -383,8 +412,7 @@ class SGSConvMixin:
     def __reduce_ex__(self, protocol):
         # Derived classes are created at run time; pickle (torch.save) rebuilds them by base.
         # The hook state is not copied: a copy's weight is a new tensor and gets its own hook.
-        state = dict(self.__getstate__())
-        state.pop("_sgs_hook", None)
+        state = {k: v for k, v in self.__getstate__().items() if k not in _NOT_COPIED}
         return _rebuild_sgs_conv, (self._sgs_base,), state
 
     def __setstate__(self, state):

@@ -6,12 +6,13 @@ backward kernel; in a step bound by host-side per-op work that multiplication co
 optimizer multiplies every instrumented weight's ``.grad`` by its S with one ``torch._foreach_mul_``, warm,
 as the official implementation does after backward. S is linear, so this is the same update: micro-batches
 accumulated into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction,
-GradScaler's unscaling commutes with it, and a compiled model's graph holds no S (S updates never recompile).
+GradScaler's unscaling commutes with it, a compiled model's graph holds no S (S updates never recompile), and
+under FSDP2 each rank multiplies its shard of the reduced gradient (S is spatial; shards split the channels).
 
 What it cannot do, and the default hook can: ``torch.autograd.grad`` and anything that reads ``.grad``
 between backward and ``optimizer.step()`` (gradient clipping, logging) see the unscaled gradient; an
 optimizer step with a closure (LBFGS, Lightning's automatic optimization) computes its gradients inside
-the step, after the pre-hook, and is refused; FSDP2's sharded DTensor parameters are refused.
+the step, after the pre-hook, and is refused.
 
 S is never lost unseen: an instrumented conv's forward with gradients enabled raises while its weight is in
 no attached optimizer, and any other ``torch.optim`` optimizer stepping such a weight raises at its step.
@@ -23,7 +24,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from .ops import _OWNERS, SCALE_BUFFER, attach_hook
+from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, attach_hook, is_dtensor
 from .optimizers import _CHECKED, STEP_MARK, STEP_OPTIMIZERS
 
 __all__ = ["attach_optimizer", "StepAttachment"]
@@ -71,7 +72,6 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
-        _refuse_dtensors(opt)
     for opt in optimizers:
         if not any(p.__dict__.get(STEP_MARK, False) for g in opt.param_groups for p in g["params"]):
             hooked = sum(bool(p.__dict__.get("_sgs_scaled")) for g in opt.param_groups for p in g["params"])
@@ -89,18 +89,6 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
     return StepAttachment(optimizers)
 
 
-def _refuse_dtensors(opt: torch.optim.Optimizer) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return
-    if any(isinstance(p, DTensor) for g in opt.param_groups for p in g["params"]):
-        raise ValueError(
-            "sgs_fx.attach_optimizer: the optimizer holds sharded DTensor parameters (FSDP2), which "
-            "scaling='step' does not handle; transform with scaling='hook' (the default), whose hook runs "
-            "on the unsharded weight's gradient before FSDP2 reduce-scatters it")
-
-
 def _step_convs(opt: torch.optim.Optimizer):
     """(Parameter, conv) for each weight of ``opt`` that a conv instrumented with scaling="step" owns."""
     for group in opt.param_groups:
@@ -109,11 +97,14 @@ def _step_convs(opt: torch.optim.Optimizer):
                 continue
             ref = _OWNERS.get(id(p))
             conv = ref() if ref is not None else None
-            if conv is not None and conv.__dict__.get("_sgs_step", False) and \
-                    not conv.__dict__.get("_sgs_per_use", False):
-                state = conv.__dict__.get("_sgs_hook")
-                if state is not None and state.param is p:
-                    yield p, conv
+            state = conv.__dict__.get("_sgs_hook") if conv is not None else None
+            if state is None or state.param is not p:  # FSDP2: the conv may hold the unsharded parameter now
+                ref = _SHARDED_OWNERS.get(id(p))
+                conv = ref() if ref is not None else None
+                if conv is None or conv.__dict__.get("_sgs_sharded") is not p:
+                    continue
+            if conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False):
+                yield p, conv
 
 
 def _scale_before_step(opt: torch.optim.Optimizer, args, kwargs):
@@ -125,15 +116,28 @@ def _scale_before_step(opt: torch.optim.Optimizer, args, kwargs):
             "closure-based optimizers (LBFGS) and trainers that pass one (Lightning's automatic optimization)")
     grads: list[Tensor] = []
     scales: list[Tensor] = []
-    for p, conv in _step_convs(opt):
-        g = p.grad
-        if g is None or g.__dict__.get(_SCALED_AT) == g._version:
-            continue
-        grads.append(g)
-        scales.append(conv._buffers[SCALE_BUFFER])
-    if grads:
-        with torch.no_grad():
+    with torch.no_grad():  # (where DTensor.to_local() is the local shard itself)
+        for p, conv in _step_convs(opt):
+            g = p.grad
+            if g is None:
+                continue
+            if is_dtensor(g):  # FSDP2: S multiplies each rank's shard of the output or input channels
+                _check_placements(g, conv)
+                g = g.to_local()
+            if g.__dict__.get(_SCALED_AT) != g._version:
+                grads.append(g)
+                scales.append(conv._buffers[SCALE_BUFFER])
+        if grads:
             torch._foreach_mul_(grads, scales)  # in place: a half-precision gradient is rounded once
-        for g in grads:
-            g.__dict__[_SCALED_AT] = g._version
+    for g in grads:
+        g.__dict__[_SCALED_AT] = g._version
     return None
+
+
+def _check_placements(grad, conv) -> None:
+    spatial = [pl for pl in grad.placements if pl.is_shard() and pl.dim % grad.dim() >= 2]
+    if spatial:
+        raise ValueError(
+            f"sgs_fx: the gradient of {type(conv).__name__}'s weight is sharded along a spatial kernel dim "
+            f"({spatial[0]}), where S cannot be applied shard by shard; shard the weight along dim 0 (FSDP2's "
+            "default) or use scaling='hook'")

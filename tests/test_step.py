@@ -418,17 +418,50 @@ def test_data_parallel_replicas_leave_the_scaling_to_the_step(monkeypatch):
         replicate(unattached, [0, 1])
 
 
-def test_fsdp2_parameters_are_refused(tmp_path):
+def _fsdp_input():
+    return torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _fsdp2_worker(rank, world, init, out, reshard_after_backward):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        model = sgs_fx.transform(net(), scaling="step")
-        fully_shard(model)
-        with pytest.raises(ValueError, match="FSDP2"):
-            sgs_fx.attach_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-    finally:
-        dist.destroy_process_group()
+    model = sgs_fx.transform(net(), scaling="step")
+    scaled(model)
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            fully_shard(m)
+    fully_shard(model)
+    model.set_reshard_after_backward(reshard_after_backward)
+    names, sharded = zip(*model.named_parameters())
+    opt = torch.optim.SGD(sharded, lr=0.0)
+    sgs_fx.attach_optimizer(opt)
+    for _ in range(2):  # gradient accumulation across two backward passes
+        model(_fsdp_input()[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
+    opt.step()
+    opt.step()  # no backward in between: not scaled again
+    full = {n: p.grad.full_tensor() for n, p in zip(names, sharded)}  # (the module may hold unsharded ones now)
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard_after_backward", [True, False], ids=["resharded", "unsharded_at_step"])
+def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G(reshard_after_backward):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "grads.pt")
+        mp.spawn(_fsdp2_worker, args=(2, os.path.join(tmp, "init"), out, reshard_after_backward), nprocs=2, join=True)
+        got = torch.load(out)
+    scales = scaled(sgs_fx.transform(net()))
+    plain = net()
+    for _ in range(2):
+        (plain(_fsdp_input()).pow(2).sum() / 2).backward()
+    for name, p in plain.named_parameters():
+        conv = name.rsplit(".", 1)[0]
+        want = scales[conv] * p.grad if name.endswith("weight") else p.grad
+        assert (got[name] - want).abs().max().item() <= 1e-12, name  # FSDP2 averages the ranks' sums
+        if name.endswith("weight"):
+            assert (got[name] - p.grad).abs().max().item() > 1e-3, name  # S really applied
 
 
 def test_strip_leaves_a_plain_model_and_an_optimizer_that_steps_it_plainly():
