@@ -493,3 +493,23 @@ def test_a_compiled_optimizer_step_still_applies_S():
         sgs(X).pow(2).sum().backward()
         compiled_step()
         assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+
+
+def test_a_gradient_sharded_along_a_kernel_dim_is_refused():
+    from torch.distributed.tensor import Replicate, Shard
+
+    from sgs_fx.step import _check_placements
+
+    class Grad:  # what _check_placements reads of a DTensor gradient
+        def __init__(self, *placements):
+            self.placements = placements
+
+        def dim(self):
+            return 4
+
+    conv = nn.Conv2d(2, 2, 3)
+    for ok in [(Shard(0),), (Shard(1), Replicate()), (Replicate(),)]:
+        _check_placements(Grad(*ok), conv)
+    for bad in [(Shard(2),), (Replicate(), Shard(-1))]:
+        with pytest.raises(ValueError, match="spatial kernel dim"):
+            _check_placements(Grad(*bad), conv)
