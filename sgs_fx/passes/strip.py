@@ -36,5 +36,6 @@ def _strip_sgs(conv: nn.Module) -> None:
     unregister_weight(conv)
     conv.__class__ = conv._sgs_base
     del conv._buffers[SCALE_BUFFER]
-    for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_step", "_sgs_master", "cls_to_become"):
+    for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_step", "_sgs_sharded", "_sgs_master",
+                "cls_to_become"):
         conv.__dict__.pop(key, None)
