@@ -144,16 +144,20 @@ def test_autocast_and_grad_scaler():
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-6, atol=0)
 
 
-def _ddp_worker(rank, world, path, result_path):
+def _ddp_worker(rank, world, path, result_path, scaling):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = sgs_fx.transform(TinyNet().double()).eval()  # BN on batch statistics would differ per shard
+    model = sgs_fx.transform(TinyNet().double(), scaling=scaling).eval()  # BN statistics would differ per shard
     torch.manual_seed(1)
     sgs_fx.set_scales(model, random_scales(model))
     ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.0)  # lr 0: the weights stay as they are
+    if scaling == "step":  # S applied to the reduced gradient by the attached optimizer's step
+        sgs_fx.attach_optimizer(opt)
     torch.manual_seed(2)
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     ddp(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
+    opt.step()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     gathered = [torch.empty_like(grads) for _ in range(world)]
     dist.all_gather(gathered, grads)
@@ -162,10 +166,11 @@ def _ddp_worker(rank, world, path, result_path):
     dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_match_single_process():
+@pytest.mark.parametrize("scaling", ["hook", "step"])
+def test_ddp_two_gloo_processes_match_single_process(scaling):
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "grads.pt")
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), result), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), result, scaling), nprocs=2, join=True)
         ranks = torch.load(result)
     assert torch.equal(ranks[0], ranks[1])
     torch.manual_seed(0)
@@ -178,3 +183,8 @@ def test_ddp_two_gloo_processes_match_single_process():
     (model(x).pow(2).sum() / 2).backward()
     single = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (ranks[0] - single).abs().max().item() <= 1e-10
+    plain = sgs_fx.strip(model)
+    plain.zero_grad()
+    (plain(x).pow(2).sum() / 2).backward()
+    unscaled = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    assert (ranks[0] - unscaled).abs().max().item() > 1e-3  # S really applied

@@ -355,48 +355,6 @@ def test_half_precision_gradient_is_multiplied_by_float32_S_and_rounded_once():
         assert torch.equal(got[w], (ref[w].float() * scales[conv].float()).to(torch.bfloat16)), w
 
 
-def _ddp_worker(rank, world, path, result_path):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = sgs_fx.transform(TinyNet().double(), scaling="step").eval()  # BN statistics would differ per shard
-    torch.manual_seed(1)
-    sgs_fx.set_scales(model, random_scales(model))
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
-    sgs_fx.attach_optimizer(opt)
-    torch.manual_seed(2)
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    ddp(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
-    opt.step()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(grads) for _ in range(world)]
-    dist.all_gather(gathered, grads)
-    if rank == 0:
-        torch.save(gathered, result_path)
-    dist.destroy_process_group()
-
-
-def test_ddp_two_gloo_processes_match_single_process():
-    torch.manual_seed(0)
-    plain = TinyNet().double().eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "grads.pt")
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), result), nprocs=2, join=True)
-        ranks = torch.load(result)
-    assert torch.equal(ranks[0], ranks[1])
-    model = sgs_fx.transform(plain)
-    torch.manual_seed(1)
-    sgs_fx.set_scales(model, random_scales(model))
-    torch.manual_seed(2)
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    (model(x).pow(2).sum() / 2).backward()  # DDP averages the two ranks' sums
-    single = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert (ranks[0] - single).abs().max().item() <= 1e-10
-    (plain(x).pow(2).sum() / 2).backward()
-    unscaled = torch.cat([p.grad.flatten() for p in plain.parameters()])
-    assert (ranks[0] - unscaled).abs().max().item() > 1e-3  # S really applied
-
-
 def test_data_parallel_replicas_leave_the_scaling_to_the_step(monkeypatch):
     from test_wrappers import _cpu_replicate
 
