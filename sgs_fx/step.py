@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, attach_hook, is_dtensor
-from .optimizers import _CHECKED, STEP_MARK, STEP_OPTIMIZERS
+from .optimizers import _CHECKED, _MARK as SCALED_MARK, STEP_MARK, STEP_OPTIMIZERS
 
 __all__ = ["attach_optimizer", "StepAttachment"]
 
@@ -72,14 +72,15 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
-    for opt in optimizers:
+    for opt in optimizers:  # all checked before any is attached
         if not any(p.__dict__.get(STEP_MARK, False) for g in opt.param_groups for p in g["params"]):
-            hooked = sum(bool(p.__dict__.get("_sgs_scaled")) for g in opt.param_groups for p in g["params"])
+            hooked = sum(bool(p.__dict__.get(SCALED_MARK)) for g in opt.param_groups for p in g["params"])
             raise ValueError(
                 f"sgs_fx.attach_optimizer: this {type(opt).__name__} steps no conv weight transformed with "
                 "scaling='step'" + (f" ({hooked} SGS weight(s) of it are scaled by gradient hooks or per use "
                                     "already: nothing to attach)" if hooked else
                                     "; create it over the transformed model's parameters"))
+    for opt in optimizers:
         if opt not in _HANDLES:
             _HANDLES[opt] = opt.register_step_pre_hook(_scale_before_step)
         STEP_OPTIMIZERS.add(opt)

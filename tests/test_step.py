@@ -170,6 +170,12 @@ def test_attach_optimizer_validates_its_arguments():
         sgs_fx.attach_optimizer(torch.optim.SGD(hooked.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="create it over the transformed model"):
         sgs_fx.attach_optimizer(torch.optim.SGD(net().parameters(), lr=0.1))
+    stepped = sgs_fx.transform(net(), scaling="step")
+    good = torch.optim.SGD(stepped.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="create it over the transformed model"):
+        sgs_fx.attach_optimizer(good, torch.optim.SGD(net().parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        stepped(X)  # the call failed as a whole: the good optimizer was not attached either
 
 
 def test_a_closure_step_is_refused():
