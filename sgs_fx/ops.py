@@ -223,7 +223,12 @@ def attach_hook(conv: nn.Module) -> None:
             _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _OWNERS.pop(key, None) if _OWNERS.get(key) is ref
                                        else None)
     conv.__dict__["_sgs_hook"] = _HookState(w, s, handle, at_step)
-    register_scaled(w, at_step=conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False))
+    register_scaled(w, at_step=scales_at_step(conv))
+
+
+def scales_at_step(conv: nn.Module) -> bool:
+    """Whether an attached optimizer's step scales ``conv``'s weight (``scaling="step"``, not per use)."""
+    return conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False)
 
 
 # id(sharded parameter) -> the conv it belongs to, under FSDP2 with scaling="step": the conv holds the unsharded
@@ -310,7 +315,7 @@ def _replicate(module: nn.Module, make_replica) -> nn.Module:
 def _require_step_optimizer(conv: nn.Module) -> None:
     """``scaling="step"``: a forward that records gradients needs an attached optimizer holding the weight,
     or nothing would ever scale its gradient."""
-    if not conv.__dict__.get("_sgs_step", False) or conv.__dict__.get("_sgs_per_use", False):
+    if not scales_at_step(conv):
         return
     state = conv.__dict__.get("_sgs_hook")
     if state is not None and not state.hooked and not _tracing():
@@ -595,9 +600,7 @@ class SGSGraphWeight(nn.Module):
         return out
 
     def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_sgs_hook", None)
-        return state
+        return {k: v for k, v in super().__getstate__().items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state):
         super().__setstate__(state)

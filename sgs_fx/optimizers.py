@@ -56,11 +56,15 @@ def in_step_optimizer(param: Tensor) -> bool:
     return any(p is param for opt in list(STEP_OPTIMIZERS) for g in opt.param_groups for p in g["params"])
 
 
+def holds_step_weights(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` steps a weight that only an attached optimizer's step scales."""
+    return any(p.__dict__.get(STEP_MARK, False) for g in optimizer.param_groups for p in g["params"])
+
+
 def _check(optimizer, args, kwargs):
     if optimizer in _CHECKED:
         return None
-    if optimizer not in STEP_OPTIMIZERS and any(p.__dict__.get(STEP_MARK, False)
-                                                for g in optimizer.param_groups for p in g["params"]):
+    if optimizer not in STEP_OPTIMIZERS and holds_step_weights(optimizer):
         # Not marked as checked: every step of this optimizer raises until it is attached.
         raise RuntimeError(
             f"sgs_fx: this {type(optimizer).__name__} steps conv weights transformed with scaling='step', whose "

@@ -24,8 +24,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, attach_hook, is_dtensor
-from .optimizers import _CHECKED, _MARK as SCALED_MARK, STEP_MARK, STEP_OPTIMIZERS
+from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, attach_hook, is_dtensor, scales_at_step
+from .optimizers import _CHECKED, _MARK as SCALED_MARK, STEP_MARK, STEP_OPTIMIZERS, holds_step_weights
 
 __all__ = ["attach_optimizer", "StepAttachment"]
 
@@ -73,7 +73,7 @@ def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
     for opt in optimizers:  # all checked before any is attached
-        if not any(p.__dict__.get(STEP_MARK, False) for g in opt.param_groups for p in g["params"]):
+        if not holds_step_weights(opt):
             hooked = sum(bool(p.__dict__.get(SCALED_MARK)) for g in opt.param_groups for p in g["params"])
             raise ValueError(
                 f"sgs_fx.attach_optimizer: this {type(opt).__name__} steps no conv weight transformed with "
@@ -104,7 +104,7 @@ def _step_convs(opt: torch.optim.Optimizer):
                 conv = ref() if ref is not None else None
                 if conv is None or conv.__dict__.get("_sgs_sharded") is not p:
                     continue
-            if conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False):
+            if scales_at_step(conv):
                 yield p, conv
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import sgs_fx
 from helpers import TiedConvs, TinyNet, random_scales
 from test_wrappers import (X, _assign, _load_swapped, _pickle, _set_attribute, _to_float32, _to_swapped,
-                           _weight_normed, net, same_net, scaled)
+                           _weight_normed, assert_equal_grads, grads, net, same_net, scaled, scaled_grads)
 
 
 def step_grads(model, opt, x, call=None, backwards=1):
@@ -23,24 +23,6 @@ def step_grads(model, opt, x, call=None, backwards=1):
         (call if call is not None else model)(x).pow(2).sum().backward()
     opt.step()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def plain_grads(model, x, backwards=1):
-    model.zero_grad(set_to_none=True)
-    for _ in range(backwards):
-        model(x).pow(2).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def expected(plain, scales):
-    return {n: scales[n.rsplit(".", 1)[0]].to(g.dtype) * g if n.endswith("weight") and n.rsplit(".", 1)[0] in scales
-            else g for n, g in plain.items()}
-
-
-def assert_exact(got, want):
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
 
 
 def attached(make=net, **kw):
@@ -56,13 +38,13 @@ def test_step_applies_S_to_the_weight_gradients_exactly(make):
     sgs, opt, scales = attached(make)
     if make is _weight_normed:  # S scales the direction v (original1), as the hook does (tested in test_wrappers)
         hooked = sgs_fx.transform(make(), scales=scales)
-        want = plain_grads(hooked, X)
+        want = grads(hooked, X)
         assert not torch.equal(want["0.parametrizations.weight.original1"],
-                               plain_grads(make(), X)["0.parametrizations.weight.original1"])
+                               grads(make(), X)["0.parametrizations.weight.original1"])
     else:
-        want = expected(plain_grads(make(), X), scales)
-    assert_exact(step_grads(sgs, opt, X), want)
-    assert_exact(step_grads(sgs, opt, X), want)  # every step, from fresh gradients
+        want = scaled_grads(grads(make(), X), scales)
+    assert_equal_grads(step_grads(sgs, opt, X), want)
+    assert_equal_grads(step_grads(sgs, opt, X), want)  # every step, from fresh gradients
     assert all(p._backward_hooks is None for p in sgs.parameters())  # no hook: nothing in the backward pass
 
 
@@ -73,13 +55,13 @@ def test_tinynet_every_flavour():
     opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
     sgs_fx.attach_optimizer(opt)
     x = torch.randn(3, 3, 17, 17, dtype=torch.float64)
-    assert_exact(step_grads(sgs, opt, x), expected(plain_grads(plain, x), sgs_fx.get_scales(sgs)))
+    assert_equal_grads(step_grads(sgs, opt, x), scaled_grads(grads(plain, x), sgs_fx.get_scales(sgs)))
 
 
 def test_accumulated_micro_batches_are_scaled_once():
     sgs, opt, scales = attached()
     got = step_grads(sgs, opt, X, backwards=2)
-    for name, g in expected(plain_grads(net(), X, backwards=2), scales).items():
+    for name, g in scaled_grads(grads(net(), X, backwards=2), scales).items():
         assert (got[name] - g).abs().max().item() <= 1e-12, name
 
 
@@ -87,10 +69,10 @@ def test_a_second_step_without_backward_does_not_scale_again():
     sgs, opt, scales = attached()
     again = sgs_fx.attach_optimizer(opt)  # attached twice: still one pre-hook
     assert len(opt._optimizer_step_pre_hooks) == 1
-    want = expected(plain_grads(net(), X), scales)
-    assert_exact(step_grads(sgs, opt, X), want)
+    want = scaled_grads(grads(net(), X), scales)
+    assert_equal_grads(step_grads(sgs, opt, X), want)
     opt.step()  # no backward in between (an LR finder, a second optimizer over the same weights)
-    assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+    assert_equal_grads({n: p.grad for n, p in sgs.named_parameters()}, want)
     again.remove()  # either handle detaches the optimizer
     with pytest.raises(RuntimeError, match="attach_optimizer"):
         sgs(X)
@@ -98,13 +80,13 @@ def test_a_second_step_without_backward_does_not_scale_again():
 
 def test_zero_grad_without_set_to_none_scales_the_new_gradient():
     sgs, opt, scales = attached()
-    want = expected(plain_grads(net(), X), scales)
+    want = scaled_grads(grads(net(), X), scales)
     step_grads(sgs, opt, X)
     for _ in range(2):
         opt.zero_grad(set_to_none=False)  # the same .grad tensors, zeroed in place
         sgs(X).pow(2).sum().backward()
         opt.step()
-        assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+        assert_equal_grads({n: p.grad for n, p in sgs.named_parameters()}, want)
 
 
 def test_the_update_uses_the_scaled_gradient():
@@ -115,7 +97,7 @@ def test_the_update_uses_the_scaled_gradient():
     opt = torch.optim.SGD(sgs.parameters(), lr=0.5, momentum=0.9)
     sgs_fx.attach_optimizer(opt)
     step_grads(sgs, opt, X)
-    for name, g in expected(plain_grads(plain, X), scales).items():
+    for name, g in scaled_grads(grads(plain, X), scales).items():
         torch.testing.assert_close(dict(sgs.named_parameters())[name].detach(), before[name] - 0.5 * g, rtol=0, atol=1e-15)
 
 
@@ -202,9 +184,9 @@ def test_hooked_and_step_models_side_by_side_are_each_scaled_once():
     opt.zero_grad()
     (hooked(X).pow(2).sum() + stepped(X).pow(2).sum()).backward()
     opt.step()
-    want = expected(plain_grads(net(), X), scales)
-    assert_exact({n: p.grad for n, p in hooked.named_parameters()}, want)
-    assert_exact({n: p.grad for n, p in stepped.named_parameters()}, want)
+    want = scaled_grads(grads(net(), X), scales)
+    assert_equal_grads({n: p.grad for n, p in hooked.named_parameters()}, want)
+    assert_equal_grads({n: p.grad for n, p in stepped.named_parameters()}, want)
 
 
 def test_two_optimizers_each_scale_their_own_weights():
@@ -215,11 +197,11 @@ def test_two_optimizers_each_scale_their_own_weights():
     sgs_fx.attach_optimizer(first, rest)
     sgs(X).pow(2).sum().backward()
     first.step()
-    want = expected(plain_grads(net(), X), scales)
+    want = scaled_grads(grads(net(), X), scales)
     assert torch.equal(sgs[0].weight.grad, want["0.weight"])
     assert not torch.equal(sgs[2].weight.grad, want["2.weight"])  # not yet: another optimizer's weight
     rest.step()
-    assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+    assert_equal_grads({n: p.grad for n, p in sgs.named_parameters()}, want)
 
 
 def test_a_param_group_added_after_attaching_is_scaled():
@@ -228,7 +210,7 @@ def test_a_param_group_added_after_attaching_is_scaled():
     opt = torch.optim.SGD(sgs[0].parameters(), lr=0.0)
     sgs_fx.attach_optimizer(opt)
     opt.add_param_group({"params": [*sgs[2].parameters(), *sgs[4].parameters()]})
-    assert_exact(step_grads(sgs, opt, X), expected(plain_grads(net(), X), scales))
+    assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(grads(net(), X), scales))
 
 
 def test_tied_weights_scale_per_use_and_the_step_leaves_them_alone(caplog):
@@ -268,7 +250,7 @@ def test_an_F_conv_call_sharing_a_step_conv_weight_shares_its_S():
     opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
     sgs_fx.attach_optimizer(opt)
     plain = Shared().double()
-    assert_exact(step_grads(sgs, opt, X), expected(plain_grads(plain, X), scales))
+    assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(grads(plain, X), scales))
 
 
 def test_copies_need_their_own_optimizer():
@@ -278,7 +260,7 @@ def test_copies_need_their_own_optimizer():
             copy_(X)
         opt2 = torch.optim.SGD(copy_.parameters(), lr=0.0)
         sgs_fx.attach_optimizer(opt2)
-        assert_exact(step_grads(copy_, opt2, X), expected(plain_grads(net(), X), scales))
+        assert_equal_grads(step_grads(copy_, opt2, X), scaled_grads(grads(net(), X), scales))
 
 
 @pytest.mark.parametrize("wrap", [_to_float32, _to_swapped, _assign, _load_swapped, _set_attribute],
@@ -298,9 +280,9 @@ def test_wrappers_keep_S_or_refuse_to_train(wrap, compiled):
             call(x)
         opt = torch.optim.SGD(out.parameters(), lr=0.0)
         sgs_fx.attach_optimizer(opt)
-    want = expected(plain_grads(wrap(net()), x), scales)
+    want = scaled_grads(grads(wrap(net()), x), scales)
     for _ in range(2):
-        assert_exact(step_grads(out, opt, x, call=call), want)
+        assert_equal_grads(step_grads(out, opt, x, call=call), want)
 
 
 def test_compiled_graph_holds_no_S_and_new_S_does_not_recompile():
@@ -318,9 +300,9 @@ def test_compiled_graph_holds_no_S_and_new_S_does_not_recompile():
     assert counters[1].op_count == counters[0].op_count  # the same graph as the plain model's
     counter = counters[1]
     call = torch.compile(sgs, fullgraph=True, backend=counter)
-    assert_exact(step_grads(sgs, opt, X, call=call), expected(plain_grads(plain, X), scales))
+    assert_equal_grads(step_grads(sgs, opt, X, call=call), scaled_grads(grads(plain, X), scales))
     new = scaled(sgs, seed=7)
-    assert_exact(step_grads(sgs, opt, X, call=call), expected(plain_grads(plain, X), new))
+    assert_equal_grads(step_grads(sgs, opt, X, call=call), scaled_grads(grads(plain, X), new))
     assert counter.frame_count == 1
 
 
@@ -330,7 +312,7 @@ def test_autocast_and_grad_scaler():
     sgs_fx.set_scales(sgs, random_scales(sgs, dtype=torch.float32))
     scales = sgs_fx.get_scales(sgs)
     x = torch.randn(2, 3, 16, 16)
-    grads = []
+    runs = []
     for m, attach in ((plain, False), (sgs, True)):
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
         if attach:
@@ -340,11 +322,9 @@ def test_autocast_and_grad_scaler():
             loss = m(x).float().pow(2).sum()
         scaler.scale(loss).backward()
         scaler.step(opt)  # unscales, then steps: S applies to the unscaled gradient
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
-    for name, g in grads[0].items():
-        conv = name.rsplit(".", 1)[0]
-        want = scales[conv].float() * g if (name.endswith("weight") and conv in scales) else g
-        torch.testing.assert_close(grads[1][name], want, rtol=1e-6, atol=0)  # same bf16 conv math both runs
+        runs.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name, want in scaled_grads(runs[0], scales).items():
+        torch.testing.assert_close(runs[1][name], want, rtol=1e-6, atol=0)  # same bf16 conv math both runs
 
 
 def test_half_precision_gradient_is_multiplied_by_float32_S_and_rounded_once():
@@ -354,7 +334,7 @@ def test_half_precision_gradient_is_multiplied_by_float32_S_and_rounded_once():
     sgs_fx.attach_optimizer(opt)
     x = X.to(torch.bfloat16)
     plain = net().to(torch.bfloat16)
-    ref = plain_grads(plain, x)
+    ref = grads(plain, x)
     got = step_grads(sgs, opt, x)
     for conv in scales:
         w = f"{conv}.weight"
@@ -372,7 +352,7 @@ def test_data_parallel_replicas_leave_the_scaling_to_the_step(monkeypatch):
         replicas = replicate(sgs, [0, 1])
         return torch.cat([replicas[0](inp[:2]), replicas[1](inp[2:])])
 
-    want = expected(plain_grads(net(), x), scales)
+    want = scaled_grads(grads(net(), x), scales)
     for _ in range(2):
         got = step_grads(sgs, opt, x, call=data_parallel)
         for name, g in want.items():  # the two halves are summed in another order
@@ -432,7 +412,7 @@ def test_strip_leaves_a_plain_model_and_an_optimizer_that_steps_it_plainly():
     sgs, opt, _ = attached()
     plain = sgs_fx.strip(sgs, inplace=True)
     assert all(type(m) in (nn.Conv2d, nn.ReLU) for m in plain)
-    assert_exact(step_grads(plain, opt, X), plain_grads(net(), X))
+    assert_equal_grads(step_grads(plain, opt, X), grads(net(), X))
 
 
 def test_mi_scheduler_calibrates_a_step_model():
@@ -444,19 +424,19 @@ def test_mi_scheduler_calibrates_a_step_model():
     sched.step(0)
     scales = sgs_fx.get_scales(sgs)
     assert any(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
-    assert_exact(step_grads(sgs, opt, X), expected(plain_grads(net(), X), scales))
+    assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(grads(net(), X), scales))
 
 
 def test_a_compiled_optimizer_step_still_applies_S():
     sgs, opt, scales = attached()
-    want = expected(plain_grads(net(), X), scales)
+    want = scaled_grads(grads(net(), X), scales)
     torch._dynamo.reset()
     compiled_step = torch.compile(opt.step)  # the pre-hook runs inside the compiled step (graph breaks allowed)
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
         sgs(X).pow(2).sum().backward()
         compiled_step()
-        assert_exact({n: p.grad for n, p in sgs.named_parameters()}, want)
+        assert_equal_grads({n: p.grad for n, p in sgs.named_parameters()}, want)
 
 
 def test_a_gradient_sharded_along_a_kernel_dim_is_refused():

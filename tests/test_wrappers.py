@@ -33,18 +33,30 @@ def scaled(model, seed=1):
     return sgs_fx.get_scales(model)
 
 
-def grads(model, x, call=None, params=None):
+def grads(model, x, call=None, params=None, backwards=1):
     model.zero_grad(set_to_none=True)
-    (call if call is not None else model)(x).pow(2).sum().backward()
+    for _ in range(backwards):  # more than one: gradient accumulation
+        (call if call is not None else model)(x).pow(2).sum().backward()
     return {n: p.grad.clone() for n, p in (params or dict(model.named_parameters())).items()}
 
 
-def assert_exactly_scaled(got, plain, scales):
-    assert got.keys() == plain.keys()
+def scaled_grads(plain, scales):
+    """The gradients SGS must give: S ⊙ G for the weight of each conv in ``scales``, G for everything else."""
+    out = {}
     for name, g in plain.items():
         conv = name.rsplit(".", 1)[0]
-        expected = scales[conv].to(g.dtype) * g if name.endswith("weight") and conv in scales else g
-        assert torch.equal(got[name], expected), name
+        out[name] = scales[conv].to(g.dtype) * g if name.endswith("weight") and conv in scales else g
+    return out
+
+
+def assert_equal_grads(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def assert_exactly_scaled(got, plain, scales):
+    assert_equal_grads(got, scaled_grads(plain, scales))
 
 
 X = torch.randn(2, 3, 9, 9, dtype=torch.float64)
