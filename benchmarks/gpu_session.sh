@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (issue 9's CUDA figures), ordered by what matters most, each step under
-# its own time limit so that what finished still comes back. On the device machine (torch with CUDA already
-# there, no internet, 64 MiB carried per call):
+# The one prepared script for a lent GPU (issue 21): is the captured step right on this device, what does it cost,
+# then as many seeds of the study as the time allows. Each step runs under its own time limit and writes its JSON
+# as results arrive, so what finished comes back even if the call is cut. On the device machine (torch with CUDA
+# already there, no internet, 64 MiB carried per call):
 #
-#   here:  .venv/bin/python benchmarks/gpu_recipe.py --write-subset gpu_data/cifar_subset.npz   # 46 MiB, ignored
-#   run:   command="bash benchmarks/gpu_session.sh"  carry=["gpu_data"]  timeout_s=540
+#   here:  .venv/bin/python benchmarks/gpu_data.py            # gpu_data/part1..3, ~44 MiB each (ignored by git)
+#   run:   command="bash benchmarks/gpu_session.sh 330"  carry=["gpu_data/part1"]  timeout_s=560
 #
-# Results land in $OUT (the device tool brings them back): JSON per benchmark and a log of everything printed.
+# part1 holds 10,000 training images and the test set: a complete, smaller study. For the full 50,000 images carry
+# part2 and part3 first in quick successive calls to the warm machine (command="ls gpu_data"): ignored folders that
+# earlier calls brought stay there while it is warm, and the study uses every sprite under gpu_data/.
+#
+# The study's results file starts from benchmarks/results/study_gpu.jsonl (committed; runs already in it are
+# skipped) and comes back as $OUT/study_gpu.jsonl: copy it over the committed one, so slots add up.
+# Argument: seconds for the study (default 330). SMOKE=1 runs every step at smoke size (CPU; the test suite does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
+STUDY_S=${1:-330}
+SMOKE=${SMOKE:+--smoke}
+PY=${PYTHON:-python3}
+EPOCHS=200
+[ -n "$SMOKE" ] && EPOCHS=2
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD
 exec > >(tee "$OUT/session.log") 2>&1
@@ -19,30 +31,31 @@ step() {  # step SECONDS NAME COMMAND...: run, time, keep going on failure
     echo "=== $name (limit ${limit}s) $(date -u +%T)"
     local t0=$SECONDS
     timeout "$limit" "$@"
-    echo "=== $name: exit $? after $((SECONDS - t0)) s"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    return $rc
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
-# 1. eager step cost: plain, SGS (hook), SGS scaling="step", per-use function, official multiply, ACB branches
-step 80 overhead_eager python3 benchmarks/overhead.py --device cuda --json "$OUT/overhead_cuda_eager.json"
-# 1b. where the eager cost goes per conv: the hook's callback and multiplication vs one multiply after backward
-step 30 hook_cost python3 benchmarks/hook_cost.py --device cuda --samples 300 --json "$OUT/hook_cost_cuda.json"
-# 2. the recipe with CUDA graphs (SGS with scaling="step") on the carried subset, projected to 200 epochs of
-#    50,000 images (target <= 240 s)
-if [ -f gpu_data/cifar_subset.npz ]; then
-    step 190 recipe_graphs python3 benchmarks/gpu_recipe.py --data-npz gpu_data/cifar_subset.npz --epochs 8 \
-        --compile-mode reduce-overhead --json "$OUT/gpu_recipe_reduce_overhead.json"
-else
-    echo "no gpu_data/cifar_subset.npz carried: the recipe step is skipped"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+$PY -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+ls -R gpu_data 2>/dev/null | head -20
+# 1. the captured loop trains like the eager one (S and lr changing every epoch); if not, the study runs eagerly
+CAPTURE=""
+if ! step 120 check $PY benchmarks/fast_step.py --check $SMOKE --json "$OUT/fast_check.json"; then
+    echo "!!! the captured step did not match the eager one (or the check did not finish): the study runs eagerly"
+    CAPTURE="--no-capture"
 fi
-# 3. compiled step cost (inductor; S updates never recompile), one model a step, three compiled models each
-#    (plain, scaling="graph", scaling="step") beside the eager plain / step / official
-step 80 overhead_compiled_vgg python3 benchmarks/overhead.py --device cuda --compile --models vgg11_bn \
-    --rounds 11 --variants sgs_step official sgs_graph_compiled sgs_step_compiled \
-    --json "$OUT/overhead_cuda_compiled_vgg11_bn.json"
-step 90 overhead_compiled_resnet python3 benchmarks/overhead.py --device cuda --compile --models resnet18 \
-    --rounds 11 --variants sgs_step official sgs_graph_compiled sgs_step_compiled \
-    --json "$OUT/overhead_cuda_compiled_resnet18.json"
-# 4. one MI calibration on the GPU (synthetic images: the binning cost does not depend on them)
-step 60 mi_speed python3 benchmarks/mi_speed.py --device cuda --synthetic --quick --json "$OUT/mi_speed_cuda.json"
+# 2. the step's cost per arm, epochs interleaved, both models (synthetic images of CIFAR's shape, 50,000 a epoch)
+step 150 timing $PY benchmarks/fast_step.py --models vgg11_bn resnet18 --arms baseline sgs acb_fixed \
+    --rounds 6 $CAPTURE $SMOKE --json "$OUT/fast_step.json" || true
+# 3. the study: interleaved by seed, one JSON line per finished run
+cp benchmarks/results/study_gpu.jsonl "$OUT/study_gpu.jsonl" 2>/dev/null || touch "$OUT/study_gpu.jsonl"
+if [ -d gpu_data ] || [ -n "$SMOKE" ]; then
+    DATA=${SMOKE:---data gpu_data}
+    step $((STUDY_S + 60)) study $PY benchmarks/study.py $DATA --arms baseline sgs acb_fixed \
+        --seeds 0 1 2 3 4 5 6 7 --epochs $EPOCHS --model vgg11_bn --budget-s "$STUDY_S" $CAPTURE \
+        --out "$OUT/study_gpu.jsonl" || true
+    $PY benchmarks/study.py --report "$OUT/study_gpu.jsonl" --plot "$OUT/study_gpu.png" || true
+else
+    echo "no gpu_data/ carried: the study is skipped (see the header of this script)"
+fi
 echo "=== done $(date -u +%T)"

@@ -15,46 +15,34 @@ def _run(*args, timeout=300):
     return proc.stdout
 
 
-def test_gpu_recipe_smoke():
-    lines = [json.loads(line) for line in _run("benchmarks/gpu_recipe.py", "--smoke", "--width", "0.125").splitlines()
-             if line.startswith("{")]
-    assert [r["run"] for r in lines] == ["baseline", "sgs"] and all(r["epochs"] == 1 for r in lines)
-    # warm-up 0: the SGS run calibrated S before its first step, so its trajectory differs from the baseline
-    assert lines[0]["final_loss"] != lines[1]["final_loss"]
+def test_fast_step_smoke(tmp_path):
+    _run("benchmarks/fast_step.py", "--smoke", "--models", "vgg11_bn", "--arms", "baseline", "sgs", "--rounds", "2",
+         "--json", str(tmp_path / "f.json"))
+    row = json.loads((tmp_path / "f.json").read_text())["results"]["timing"]["vgg11_bn"]
+    assert set(row["step_ms"]) == {"baseline", "sgs"} and len(row["step_ms_rounds"]["sgs"]) == 2
+    assert row["ratio_to_baseline"]["baseline"] == 1.0 and len(row["ratio_ci"]["sgs"]) == 2
+    assert row["calibration_s"]  # warm-up 1: the SGS trainer calibrated at round 1, and its time was kept apart
+    _run("benchmarks/fast_step.py", "--smoke", "--check", "--json", str(tmp_path / "c.json"))
+    check = json.loads((tmp_path / "c.json").read_text())["results"]["check"]
+    assert check["scales_moved"] and "passed" not in check  # a CPU captures nothing: nothing to compare
 
 
-def test_gpu_recipe_on_a_carried_subset(tmp_path):
-    # the way a lent GPU gets data: a small .npz of uint8 arrays, a few epochs, and a projection of the recipe
-    import numpy as np
+def test_gpu_session_script_runs_blind_at_smoke_size(tmp_path):
+    # the script a lent GPU runs, end to end on this CPU: every step, its JSON, the study's lines and report
+    import os
 
-    from sgs_fx.data import synthetic_cifar
-
-    d = synthetic_cifar(n_train=256, n_test=64)
-    np.savez_compressed(tmp_path / "sub.npz", **{k: getattr(d, k).numpy() for k in
-                                                  ("train_images", "train_labels", "test_images", "test_labels")})
-    _run("benchmarks/gpu_recipe.py", "--data-npz", str(tmp_path / "sub.npz"), "--runs", "sgs", "--epochs", "2",
-         "--warmup", "0", "--width", "0.0625", "--batch-size", "64", "--no-compile", "--json", str(tmp_path / "r.json"))
-    (row,) = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
-    assert row["train_images"] == 256 and row["test_images"] == 64 and row["steps_per_epoch"] == 4
-    assert row["calibrations"] == 1 and row["calibration_s"] > 0 and row["projected_full_s"] > row["train_wall_s"]
-
-
-def test_gpu_recipe_projection_arithmetic():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_recipe import projection
-
-    class Every5:  # the recipe's schedule with warm-up 1: due at 1, 5, 10, ..., 195 (40 calibrations)
-        def due(self, epoch):
-            return epoch == 1 or (epoch > 1 and epoch % 5 == 0)
-
-    # 10 epochs of 100 steps: 20 s, of which the first epoch 5 s and 2 later calibrations (epochs 1, 5) of 0.5 s
-    row = {"epochs": 10, "steps_per_epoch": 100, "batch_size": 128, "train_wall_s": 20.0, "first_epoch_s": 5.0,
-           "calibrations": 2, "calibration_s": 1.0}
-    p = projection(row, 200, Every5())
-    # steady: (20 - 5 - 2 * 0.5) s / 900 steps; full: 390 * 200 steps, the first 100 of them in the first epoch
-    assert p["steady_step_ms"] == pytest.approx(14.0 / 900 * 1e3, rel=1e-12)
-    assert p["projected_full_s"] == pytest.approx(5.0 + 14.0 / 900 * (78_000 - 100) + 0.5 * 40, rel=1e-12)
-    assert projection({**row, "epochs": 1}, 200, Every5()) == {}
+    env = {**os.environ, "OUT": str(tmp_path), "SMOKE": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "4"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "session.log").read_text()
+    for step in ("check", "timing", "study"):
+        assert f"=== {step}: exit 0" in log, log[-3000:]
+    assert "runs eagerly" not in log
+    assert json.loads((tmp_path / "fast_step.json").read_text())["results"]["timing"]["resnet18"]["step_ms"]
+    rows = [json.loads(x) for x in (tmp_path / "study_gpu.jsonl").read_text().splitlines()]
+    assert rows[0]["arm"] == "baseline" and "int8_acc" in rows[0]  # the first run starts whatever the budget
+    assert "paired difference to the baseline" in log and (tmp_path / "study_gpu.png").exists()
 
 
 def test_accuracy_study_smoke(tmp_path):
