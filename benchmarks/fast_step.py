@@ -51,7 +51,8 @@ def timing(args, data, device, results: dict, save) -> None:
     for model in args.models:
         trainers = {}
         for arm in args.arms:
-            recipe = FastRecipe(arm=arm, model=model, epochs=args.rounds + 1, capture=args.capture, seed=0, **extra)
+            recipe = FastRecipe(arm=arm, model=model, epochs=args.rounds + 1, capture=args.capture, seed=0,
+                                compile=args.compile, **extra)
             trainers[arm] = FastTrainer(recipe, data, device)
             first = trainers[arm].train_epoch(0)
             results.setdefault("first_epoch_s", {})[f"{model}/{arm}"] = first["epoch_s"]
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=50_000, help="synthetic training images when no --data")
     p.add_argument("--data", help="CIFAR-10 folder (see study.py); default synthetic images of CIFAR's shape")
     p.add_argument("--no-capture", dest="capture", action="store_false", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile each model's forward inside the step")
     p.add_argument("--check", action="store_true", help="only the captured-vs-eager check")
     p.add_argument("--device")
     p.add_argument("--json")
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load(args)
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "train_images": len(data.train_labels)}
+                     "train_images": len(data.train_labels), "compile": args.compile}
     t0 = time.perf_counter()
 
     def save():  # after every result: a run cut by a time limit keeps what it measured

@@ -58,4 +58,9 @@ if [ -d gpu_data ] || [ -n "$SMOKE" ]; then
 else
     echo "no gpu_data/ carried: the study is skipped (see the header of this script)"
 fi
+# 4. is torch.compile (fused kernels) inside the captured step worth its compile time? (skipped at smoke size)
+if [ -z "$SMOKE" ]; then
+    step 150 timing_compiled $PY benchmarks/fast_step.py --models vgg11_bn --arms baseline sgs --rounds 4 --compile \
+        $CAPTURE --json "$OUT/fast_step_compiled.json" || true
+fi
 echo "=== done $(date -u +%T)"

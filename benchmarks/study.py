@@ -110,7 +110,8 @@ def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.
     extra = SMOKE if args.smoke else {}
     recipe = FastRecipe(arm=arm, seed=seed, model=model, epochs=args.epochs, width=extra.get("width", args.width),
                         batch_size=extra.get("batch_size", args.batch_size),
-                        max_steps_per_epoch=extra.get("max_steps_per_epoch"), capture=args.capture)
+                        max_steps_per_epoch=extra.get("max_steps_per_epoch"), capture=args.capture,
+                        compile=args.compile)
     t0 = time.perf_counter()
     result = train_fast(recipe, data, device, progress=args.progress)
     row = {"arm": arm, "seed": seed, "model": model, "width": recipe.width, "epochs": recipe.epochs,
@@ -275,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-capture", dest="capture", action="store_false", default=None,
                    help="run every step eagerly on CUDA too (for comparison)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model inside the captured step")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip PTQ + onnxruntime INT8 accuracy")
     p.add_argument("--int8-batches", type=int, default=8, help="PTQ calibration batches of 128 training images")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny runs (tests, CPU)")

@@ -73,6 +73,7 @@ class FastRecipe:
     bf16: bool | None = None  # bf16 autocast of forward and backward
     channels_last: bool | None = None
     warmup_steps: int = 3  # eager steps before the capture
+    compile: bool = False  # torch.compile the model's forward and backward (fused kernels) inside the captured step
     max_steps_per_epoch: int | None = None  # smoke runs
 
     def __post_init__(self):
@@ -150,6 +151,8 @@ class FastTrainer:
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
 
         self.model = build_arm(recipe, device).to(memory_format=self.memory_format)
+        # the MI calibration runs self.model itself; only the training step runs the compiled forward
+        self.forward = torch.compile(self.model) if recipe.compile else self.model
         # fused: one kernel for the update, and it reads the lr tensor on the device (capturable)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=recipe.momentum,
                                    weight_decay=recipe.weight_decay, fused=True)
@@ -161,7 +164,7 @@ class FastTrainer:
                                          batches=recipe.mi_batches)
         self.graph = None
         self.captures = 0  # how often the step was captured: once per run, whatever the lr and S do
-        self.captured = False
+        self.capture_error: str | None = None
 
     # -- the step ------------------------------------------------------------------------------------------
 
@@ -177,7 +180,7 @@ class FastTrainer:
         y = self.epoch_y.index_select(0, self.cursor).squeeze(0)
         self.cursor.add_(1)
         with self._autocast():
-            loss = F.cross_entropy(self.model(x), y)
+            loss = F.cross_entropy(self.forward(x), y)
         loss.backward()
         self.opt.step()
         self.loss_sum.add_(loss.detach().float())
@@ -217,7 +220,13 @@ class FastTrainer:
                     start += 1
             torch.cuda.current_stream(self.device).wait_stream(side)
             if start < self.steps:
-                self._capture()
+                try:
+                    self._capture()
+                except RuntimeError as exc:  # a run is still worth finishing: eagerly, and the metrics say so
+                    logger.warning("sgs_fx.fast_train: capturing the step failed (%s); training eagerly", exc)
+                    self.capture_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    self.capture = False
+                    self.opt.zero_grad(set_to_none=True)
         for _ in range(start, self.steps):
             if self.graph is not None:
                 self.graph.replay()
@@ -280,7 +289,8 @@ class FastTrainer:
             "first_epoch_s": epochs[0]["epoch_s"],
             "steady_step_ms": _steady_step_ms([e["epoch_s"] for e in epochs], calibration_s, self.steps),
             "calibrations": sum(c > 0 for c in calibration_s), "calibration_s": sum(calibration_s),
-            "captured": self.captures == 1, "captures": self.captures, "bf16": self.bf16,
+            "captured": self.captures == 1, "captures": self.captures, "capture_error": self.capture_error,
+            "bf16": self.bf16,
             "channels_last": self.memory_format == torch.channels_last,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch": torch.__version__,
