@@ -60,12 +60,18 @@ def test_a_line_cut_by_a_kill_is_redone(tmp_path):
     assert [r["seed"] for r in study.read_rows(out)] == [0]
 
 
-def test_int8_accuracy_is_recorded(tmp_path):
-    out = tmp_path / "r.jsonl"
-    study.main(["--smoke", "--epochs", "1", "--arms", "acb_branches", "--seeds", "0", "--out", str(out),
-                "--int8-batches", "2"])
-    (row,) = lines(out)
-    assert 0 <= row["int8_acc"] <= 1 and row["int8_agreement"] is not None and "int8_check_passed" in row
+def test_int8_accuracy_is_recorded_inline_or_by_a_worker_process(tmp_path):
+    # a worker scores INT8 while the GPU trains the next run; it must score exactly what the inline path scores
+    rows = {}
+    for workers in ("0", "1"):
+        out = tmp_path / f"r{workers}.jsonl"
+        study.main(["--smoke", "--epochs", "2", "--arms", "acb_branches", "--seeds", "0", "--out", str(out),
+                    "--int8-batches", "2", "--int8-workers", workers])
+        (rows[workers],) = lines(out)
+    for row in rows.values():
+        assert 0 <= row["int8_acc"] <= 1 and row["int8_agreement"] is not None and row["int8_s"] > 0
+    assert rows["0"]["float_acc"] == rows["1"]["float_acc"]
+    assert (rows["0"]["int8_acc"], rows["0"]["int8_agreement"]) == (rows["1"]["int8_acc"], rows["1"]["int8_agreement"])
 
 
 # a hand-computed paired example: the 8 seeds of MI-SGS vs baseline (40 epochs, 15,000 images)
