@@ -5,7 +5,7 @@ work dominates, as in a GPU step at CIFAR sizes) is run forward and backward; th
 per conv over the plain chain, median of interleaved single runs, with a 95 % bootstrap interval.
 
   plain            the chain as it is
-  sgs_hook         sgs_fx.transform: the tensor hook ``S.mul`` on each weight Parameter (sgs_fx's default)
+  sgs_hook         sgs_fx.transform: the tensor hook ``S.mul`` on each weight Parameter (``scaling="hook"``)
   noop_hook        a Python hook that returns None on each weight: what any per-Parameter hook costs at least
                    (the engine wraps the fresh gradient for Python, calls, unwraps)
   sgs_per_use      sgs_fx's autograd function in the forward graph (tied weights; sgs_fx 0.1)
@@ -42,7 +42,7 @@ from report import emit, median_ci  # noqa: E402
 def make_variants(n: int, channels: int, device) -> dict:
     torch.manual_seed(0)
     plain = nn.Sequential(*[nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(n)]).to(device)
-    sgs = sgs_fx.transform(plain)
+    sgs = sgs_fx.transform(plain, scaling="hook")
     sgs_fx.set_scales(sgs, {name: torch.rand(3, 3) + 0.5 for name in sgs_fx.instrumented(sgs)})
     scales = [s.to(device) for s in sgs_fx.get_scales(sgs).values()]
     per_use = per_use_copy(sgs)

@@ -100,7 +100,8 @@ def paired_t(treatment: list[float], control: list[float], *, level: float = 0.9
     n = len(diffs)
     if se is None:
         return Paired(n, mean, None, None, None, None, level)
-    if se == 0.0:  # every pair differs by the same amount: no spread to test against
+    if se <= 1e-12 * max(abs(d) for d in diffs):
+        # every pair differs by the same amount (up to the rounding of the differences): no spread to test against
         return Paired(n, mean, 0.0, (mean, mean), None, None, level)
     t = mean / se
     half = t_quantile((1 + level) / 2, n - 1) * se

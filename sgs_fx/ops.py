@@ -1,6 +1,11 @@
-"""The SGS mechanism: a gradient hook on the conv's weight, and the instrumented conv classes.
+"""The SGS mechanism on the conv side: the instrumented conv classes, and the gradient hook of ``scaling="hook"``.
 
-SGS multiplies the gradient of a conv's weight element-wise by the spatial matrix S (spec §1). sgs_fx does
+Under ``scaling="step"`` (the default) a conv carries no hook and no graph op: any torch.optim optimizer's step
+multiplies its weight's ``.grad`` by S (``sgs_fx/step.py``). The conv only marks its weight Parameter for the
+step to find, and, at each eager training forward, checks that a weight which changed since its last forward
+had S applied to its gradient by a step (``_check_update``): otherwise S was lost, and one warning says so.
+
+Under ``scaling="hook"``, SGS multiplies the gradient of a conv's weight element-wise by the spatial matrix S (spec §1). sgs_fx does
 it with a tensor hook on the weight Parameter the conv actually uses: the hook runs in the backward pass,
 on each incoming gradient *before* it is accumulated into ``.grad``, so micro-batches are each scaled once
 (``.grad = S ⊙ Σ G``), DDP and FSDP2 reduce the scaled gradient, and GradScaler's unscaling commutes with it.
@@ -19,10 +24,6 @@ unpickling re-attach it eagerly, which covers ``torch.compile``, whose traced fo
 gradients autograd sums into the original Parameters: replicas leave the hook to the original (see
 ``_replicate``). Under ``torch.nn.utils.prune`` the trained tensor is ``weight_orig``, and the hook sits there.
 
-Under ``transform(..., scaling="step")`` a conv carries no hook: the optimizer given to
-``sgs_fx.attach_optimizer`` scales ``.grad`` in its step (``sgs_fx/step.py``), and the conv's forward only
-checks that such an optimizer holds its weight (``_require_step_optimizer``).
-
 Where one Parameter feeds several SGS convs (tied weights), a single hook cannot give each use its own S:
 those convs scale *per use* instead, with ``scale_grad`` (an autograd function in the forward graph, exact
 and slower), so the tied weight gets S₁ ⊙ G₁ + S₂ ⊙ G₂.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 import weakref
 
 import torch
@@ -43,7 +45,7 @@ from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .optimizers import in_step_optimizer, register_scaled, unregister_scaled
+from .optimizers import register_scaled, unregister_scaled
 
 __all__ = ["scale_grad", "SGSConvMixin", "SGSGraphWeight", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
            "attach_hook", "detach_hook", "scale_dtype"]
@@ -99,13 +101,17 @@ class _HookState:
     ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have weakrefs.
     """
 
-    __slots__ = ("param", "scale", "handle", "hooked", "impl")
+    __slots__ = ("param", "scale", "handle", "hooked", "impl", "at_step", "version", "scaled")
 
     def __init__(self, param, scale, handle, at_step=False):
         self.param, self.scale, self.handle = param, scale, handle
-        # the weight's gradient is scaled without per-use work: by the hook, or (scaling="step") by an
-        # optimizer given to sgs_fx.attach_optimizer, which holds this very Parameter
+        # the weight's gradient is scaled without per-use work: by the hook, or (scaling="step") by the step
         self.hooked = handle is not None or at_step
+        self.at_step = at_step
+        # scaling="step": the weight's version at its last training forward, and whether a step (or
+        # sgs_fx.scale_gradients) has applied S since then; see _check_update
+        self.version: int | None = None
+        self.scaled = False
         # torch.utils.swap_tensors keeps the Parameter object and gives it another C++ tensor, without the hook
         self.impl = param._cdata if param is not None else None
 
@@ -208,7 +214,10 @@ def attach_hook(conv: nn.Module) -> None:
         functional = conv.__dict__.get("_sgs_functional", False)
         fn = s.mul if s.dtype == w.dtype and not functional else functools.partial(_mul_cast, s)
         if conv.__dict__.get("_sgs_step", False):
-            at_step = _step_attached(conv, w)  # scaling="step": no hook; the optimizer's step pre-hook scales .grad
+            at_step = True  # no hook: any torch.optim optimizer's step scales .grad (sgs_fx/step.py)
+            if is_dtensor(w):  # FSDP2's sharded parameter, which the optimizer steps while the conv holds another
+                conv.__dict__["_sgs_sharded"] = w
+                _SHARDED_OWNERS[id(w)] = weakref.ref(conv)
         elif w.requires_grad:
             handle = _register(w, fn)
         elif w.grad_fn is None and not w.is_inference():
@@ -227,34 +236,57 @@ def attach_hook(conv: nn.Module) -> None:
 
 
 def scales_at_step(conv: nn.Module) -> bool:
-    """Whether an attached optimizer's step scales ``conv``'s weight (``scaling="step"``, not per use)."""
+    """Whether an optimizer's step scales ``conv``'s weight (``scaling="step"``, not per use)."""
     return conv.__dict__.get("_sgs_step", False) and not conv.__dict__.get("_sgs_per_use", False)
 
 
 # id(sharded parameter) -> the conv it belongs to, under FSDP2 with scaling="step": the conv holds the unsharded
 # parameter from forward to the end of backward (or to the step, with reshard_after_backward off), and the
-# attached optimizer's step must still find it from the sharded one it steps.
+# optimizer's step must still find it from the sharded one it steps.
 _SHARDED_OWNERS: "dict[int, weakref.ref]" = {}
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
 
 
 def is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
-def _step_attached(conv: nn.Module, w: Tensor) -> bool:
-    """``scaling="step"``: whether an attached optimizer steps ``w`` or, under FSDP2, the sharded parameter
-    (a DTensor of the same global shape) that ``w`` was gathered from."""
-    if in_step_optimizer(w):
-        if is_dtensor(w):
-            conv.__dict__["_sgs_sharded"] = w
-            _SHARDED_OWNERS[id(w)] = weakref.ref(conv)
-        return True
-    sharded = conv.__dict__.get("_sgs_sharded")
-    return sharded is not None and tuple(sharded.shape) == tuple(w.shape) and in_step_optimizer(sharded)
+_warned_unscaled = False
+_warned_plain = False
+
+
+def _warn_plain_tensor(conv: nn.Module) -> None:
+    global _warned_plain
+    if not _warned_plain and torch.is_grad_enabled():
+        _warned_plain = True
+        warnings.warn(
+            f"sgs_fx: {type(conv).__name__} ran with a plain tensor as its weight (torch.func.functional_call or "
+            "similar). Under scaling='step' (the default) S is applied when a torch.optim optimizer steps the "
+            "Parameter, so the gradient torch.func computes here is the unscaled G. For functional training, "
+            "transform with scaling='hook' (S applied to every use in the backward pass).", stacklevel=5)
+
+
+def _check_update(conv: nn.Module, state: "_HookState", w: Tensor) -> None:
+    """``scaling="step"``, at an eager training forward whose weight changed since the last one: had a step (or
+    ``sgs_fx.scale_gradients``) applied S since then? If not, the weight was updated with an unscaled gradient
+    (a hand-written update, an optimizer outside torch.optim) and S was lost: one warning, naming the way out."""
+    global _warned_unscaled
+    if not torch.is_grad_enabled() or not w.requires_grad or _tracing():
+        return
+    if state.version is not None and not state.scaled and not _warned_unscaled and w.grad is not None:
+        _warned_unscaled = True
+        warnings.warn(
+            f"sgs_fx: the weight of {type(conv).__name__} changed since its last forward, but no torch.optim "
+            "optimizer step applied S to its gradient. Under scaling='step' (the default) only a torch.optim "
+            "optimizer's step() applies S: before a hand-written update or another optimizer, call "
+            "sgs_fx.scale_gradients(model), or transform with scaling='hook' (S applied in the backward pass). "
+            "(If you changed the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=4)
+    state.version = w._version
+    state.scaled = False
 
 
 def _register(w: Tensor, fn) -> object:
@@ -303,30 +335,12 @@ def _replicate(module: nn.Module, make_replica) -> nn.Module:
     """
     if not _attached_for(module, _target_of(module)):
         attach_hook(module)  # the original's forward, which would re-check, does not run under DataParallel
-    _require_step_optimizer(module)
     state = module.__dict__.get("_sgs_hook")
     per_use = module.__dict__.get("_sgs_per_use", False) or state is None or not state.hooked
     replica = make_replica()
     replica.__dict__.pop("_sgs_hook", None)
     replica.__dict__["_sgs_replica"] = "per_use" if per_use else "hooked"
     return replica
-
-
-def _require_step_optimizer(conv: nn.Module) -> None:
-    """``scaling="step"``: a forward that records gradients needs an attached optimizer holding the weight,
-    or nothing would ever scale its gradient."""
-    if not scales_at_step(conv):
-        return
-    state = conv.__dict__.get("_sgs_hook")
-    if state is not None and not state.hooked and not _tracing():
-        attach_hook(conv)  # attached (or added to an attached optimizer's param groups) since the last check
-        state = conv.__dict__.get("_sgs_hook")
-    if state is None or state.hooked or not torch.is_grad_enabled() or not state.param.requires_grad:
-        return
-    raise RuntimeError(
-        f"sgs_fx: {type(conv).__name__} was transformed with scaling='step', and its weight is in no optimizer given "
-        "to sgs_fx.attach_optimizer, so nothing would scale its gradient. Create the optimizer over the "
-        "transformed model's parameters and call sgs_fx.attach_optimizer(optimizer) before training")
 
 
 def _replica_weight(conv: nn.Module, w: Tensor) -> Tensor:
@@ -352,10 +366,14 @@ class SGSConvMixin:
     _sgs_per_use = False
 
     def _sgs_weight(self) -> Tensor:
-        """The weight for this forward: the hooked Parameter, or ``scale_grad(weight, S)`` per use."""
+        """The weight for this forward: the Parameter itself, or ``scale_grad(weight, S)`` per use."""
         w = self._parameters.get("weight")
-        # The fast path: identity tests only (the hook sits on this weight and this S).
-        if _attached_for(self, w) and self.__dict__["_sgs_hook"].hooked:
+        # The fast path: identity tests only (the hook, or the step's mark, is on this weight and this S).
+        state = self.__dict__.get("_sgs_hook")
+        if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
+            # (a compiled forward skips the check: its graph stays the plain model's)
+            if state.at_step and not torch.compiler.is_compiling() and w._version != state.version:
+                _check_update(self, state, w)
             return w
         return self._sgs_weight_slow(w)
 
@@ -363,13 +381,20 @@ class SGSConvMixin:
         if "_sgs_replica" in self.__dict__:
             return _replica_weight(self, self.weight)
         if w is not None and not isinstance(w, nn.Parameter):
-            # torch.func.functional_call & co. put a plain tensor in for one call: scale that use, and leave
-            # the Parameter's hook where it is (a compiled forward after the call still relies on it).
+            # torch.func.functional_call & co. put a plain tensor in for one call
+            if scales_at_step(self):
+                _warn_plain_tensor(self)
+                return w
+            # scaling="hook": scale that use, and leave the Parameter's hook where it is (a compiled forward after
+            # the call still relies on it)
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
-        _require_step_optimizer(self)
+        state = self.__dict__.get("_sgs_hook")
+        if state is not None and state.at_step and target is not None and not _tracing() and \
+                target._version != state.version:
+            _check_update(self, state, target)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
             w = self.weight
         if self.__dict__.get("_sgs_per_use", False):
@@ -384,6 +409,8 @@ class SGSConvMixin:
         state = self.__dict__.get("_sgs_hook")
         if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
             w = self._sgs_weight_slow(w)
+        elif state.at_step and not torch.compiler.is_compiling() and w._version != state.version:
+            _check_update(self, state, w)  # (a compiled forward skips it: its graph stays the plain model's)
         return self._conv_forward(input, w, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -480,9 +507,13 @@ class _SGSParametrizedMixin(SGSConvMixin):
     def forward(self, *args, **kwargs):
         if args and isinstance(args[0], Proxy):
             _refuse_foreign_trace(self)
-        if not _tracing() and not _attached_for(self, hook_target(self)):
+        target = hook_target(self)
+        if not _tracing() and not _attached_for(self, target):
             attach_hook(self)
-        _require_step_optimizer(self)
+        state = self.__dict__.get("_sgs_hook")
+        if state is not None and state.at_step and target is not None and not _tracing() and \
+                target._version != state.version:
+            _check_update(self, state, target)
         return self._sgs_base.forward(self, *args, **kwargs)
 
 

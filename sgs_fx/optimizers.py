@@ -1,10 +1,8 @@
-"""One warning when an adaptive optimizer steps SGS-instrumented weights; one error when an optimizer that
-was not given to ``sgs_fx.attach_optimizer`` steps weights that only such an optimizer scales.
+"""Marks on the Parameters whose gradient SGS scales, and one warning when an adaptive optimizer steps them.
 
-SGS is defined for SGD (plain, momentum, Nesterov, coupled L2). Adam-family optimizers divide each
-coordinate by its own second moment and almost cancel a fixed per-element gradient factor (spec §1.5):
-sgs_fx warns once per optimizer and does not refuse. The check is a global optimizer step pre-hook, so
-it works inside the user's own training loop with nothing to call.
+SGS is defined for SGD (plain, momentum, Nesterov, coupled L2). Adam-family optimizers divide each coordinate by
+its own second moment and almost cancel a fixed per-element gradient factor (spec §1.5): sgs_fx warns once per
+optimizer and does not refuse. The check runs in the global optimizer step pre-hook of ``sgs_fx.step``.
 """
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import weakref
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 logger = logging.getLogger("sgs_fx")
 
@@ -26,55 +23,49 @@ ADAPTIVE = tuple(
 # A mark on the Parameter itself, not a weak reference to it: torch.utils.swap_tensors (used by to() and
 # load_state_dict under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
 _MARK = "_sgs_scaled"
-# ... and a second mark on a weight that only an optimizer's step scales (transform(..., scaling="step"))
+# ... and a second mark on a weight whose gradient only an optimizer's step scales (scaling="step")
 STEP_MARK = "_sgs_at_step"
-_CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
-# the optimizers given to sgs_fx.attach_optimizer (see sgs_fx/step.py)
-STEP_OPTIMIZERS: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_hook = None
+_WARNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+_state = {"generation": 0, "any": False}
 
 
 def register_scaled(param: Tensor, at_step: bool = False) -> None:
-    """Mark ``param`` as a weight whose gradient SGS scales (and install the check once)."""
-    global _hook
-    param.__dict__[_MARK] = True
+    """Mark ``param`` as a weight whose gradient SGS scales (at the optimizer's step if ``at_step``)."""
+    d = param.__dict__
+    if d.get(_MARK) and bool(d.get(STEP_MARK)) == at_step:
+        return
+    d[_MARK] = True
     if at_step:
-        param.__dict__[STEP_MARK] = True
+        d[STEP_MARK] = True
     else:
-        param.__dict__.pop(STEP_MARK, None)
-    if _hook is None:
-        _hook = register_optimizer_step_pre_hook(_check)
+        d.pop(STEP_MARK, None)
+    _state["generation"] += 1  # the optimizers' cached lists of step-scaled weights are rebuilt
+    _state["any"] = True
 
 
 def unregister_scaled(param: Tensor) -> None:
-    param.__dict__.pop(_MARK, None)
+    if param.__dict__.pop(_MARK, None) is not None:
+        _state["generation"] += 1
     param.__dict__.pop(STEP_MARK, None)
 
 
-def in_step_optimizer(param: Tensor) -> bool:
-    """Whether an optimizer given to ``sgs_fx.attach_optimizer`` steps this very Parameter object."""
-    return any(p is param for opt in list(STEP_OPTIMIZERS) for g in opt.param_groups for p in g["params"])
+def generation() -> int:
+    """Changes whenever a weight is marked or unmarked."""
+    return _state["generation"]
 
 
-def holds_step_weights(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` steps a weight that only an attached optimizer's step scales."""
-    return any(p.__dict__.get(STEP_MARK, False) for g in optimizer.param_groups for p in g["params"])
+def any_marked() -> bool:
+    """Whether any weight was ever marked in this process (until then, optimizer steps cost one call)."""
+    return _state["any"]
 
 
-def _check(optimizer, args, kwargs):
-    if optimizer in _CHECKED:
-        return None
-    if optimizer not in STEP_OPTIMIZERS and holds_step_weights(optimizer):
-        # Not marked as checked: every step of this optimizer raises until it is attached.
-        raise RuntimeError(
-            f"sgs_fx: this {type(optimizer).__name__} steps conv weights transformed with scaling='step', whose "
-            "gradients only an optimizer given to sgs_fx.attach_optimizer scales; call "
-            "sgs_fx.attach_optimizer(optimizer) before training (or transform with scaling='hook')")
-    _CHECKED[optimizer] = True
+def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
+    if optimizer in _WARNED:
+        return
+    _WARNED[optimizer] = True
     if isinstance(optimizer, ADAPTIVE) and any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
         logger.warning(
             "sgs_fx: %s steps SGS-instrumented weights; SGS is defined for SGD (plain, momentum, Nesterov). "
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",
             type(optimizer).__name__,
         )
-    return None

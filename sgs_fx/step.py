@@ -1,138 +1,196 @@
-"""``scaling="step"``: S applied to the conv weights' ``.grad`` by the optimizer's step, all at once.
+"""``scaling="step"`` (the default): S applied to the conv weights' ``.grad`` when any torch.optim optimizer steps.
 
-The default hook multiplies each weight gradient as the backward pass produces it, right after that conv's
-backward kernel; in a step bound by host-side per-op work that multiplication costs 2-4 times its isolated time
-(BENCHMARKS.md). Here the convs carry no hook and no forward-graph op at all, and a step pre-hook of the
-optimizer multiplies every instrumented weight's ``.grad`` by its S with one ``torch._foreach_mul_``, warm,
-as the official implementation does after backward. S is linear, so this is the same update: micro-batches
-accumulated into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction,
-GradScaler's unscaling commutes with it, a compiled model's graph holds no S (S updates never recompile), and
-under FSDP2 each rank multiplies its shard of the reduced gradient (S is spatial; shards split the channels).
+A global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every
+``step()`` of every ``torch.optim.Optimizer``, timm's and Lightning's included, with nothing for the user to call.
+It finds the SGS weights the optimizer holds (a list cached per optimizer, rebuilt only when its param groups or
+the set of SGS weights change) and multiplies their ``.grad`` by S with one ``torch._foreach_mul_``: the
+official implementation's multiply of ``.grad``, at the plain model's cost. The convs carry no hook and no graph
+op, so a compiled model's graph is the plain model's and a new S never recompiles it.
 
-What it cannot do, and the default hook can: ``torch.autograd.grad`` and anything that reads ``.grad``
-between backward and ``optimizer.step()`` (gradient clipping, logging) see the unscaled gradient; an
-optimizer step with a closure (LBFGS, Lightning's automatic optimization) computes its gradients inside
-the step, after the pre-hook, and is refused.
+S is linear, so this is the same update as scaling each gradient in the backward pass: micro-batches accumulated
+into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's
+unscaling commutes with it, and under FSDP2 each rank multiplies its shard of the reduced gradient (S is
+spatial; shards split the channels).
 
-S is never lost unseen: an instrumented conv's forward with gradients enabled raises while its weight is in
-no attached optimizer, and any other ``torch.optim`` optimizer stepping such a weight raises at its step.
+* A step with a closure (LBFGS, Lightning's automatic optimization) computes its gradients inside the step:
+  the pre-hook hands the optimizer a wrapped closure that applies S to the gradients each call computes.
+* Every top-level step scales the gradients it finds: nothing but the step itself tells that a new backward
+  ran (a backward replayed from a CUDA graph rewrites ``.grad`` without a trace). An optimizer stepping inside
+  another's step (Lookahead-style wrappers that share param groups) does not scale those gradients again.
+* ``sgs_fx.scale_gradients(model)`` applies S to ``.grad`` at once, for what reads ``.grad`` before the step
+  (clipping the scaled gradient, logging) or updates without torch.optim; the next step leaves those
+  gradients alone.
+* Gradients read before the step — ``clip_grad_norm_``, ``torch.autograd.grad`` — are the unscaled G (the
+  official code also clipped before scaling). ``scaling="hook"`` scales in the backward pass instead.
+* S is never lost unseen: a weight that changes between two training forwards while no step (and no
+  ``scale_gradients``) applied S — a hand-written update, an optimizer outside torch.optim — gets one warning
+  naming the way out (see ``ops._check_update``).
 """
 from __future__ import annotations
 
+import logging
+import warnings
 import weakref
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, attach_hook, is_dtensor, scales_at_step
-from .optimizers import _CHECKED, _MARK as SCALED_MARK, STEP_MARK, STEP_OPTIMIZERS, holds_step_weights
+from . import optimizers
+from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, is_dtensor, is_sgs_conv, scales_at_step
+from .passes.registry import instrumented
 
-__all__ = ["attach_optimizer", "StepAttachment"]
+__all__ = ["scale_gradients"]
 
-# On a gradient tensor: its version counter right after S was applied, so a second step with no backward in
-# between (two optimizers holding one weight, an LR finder) does not apply S twice.
-_SCALED_AT = "_sgs_scaled_at"
+logger = logging.getLogger("sgs_fx")
 
+# On a gradient scaled by sgs_fx.scale_gradients: its version counter then, so that the next step leaves it alone
+# (and a gradient accumulated into afterwards is told apart).
+_PRESCALED = "_sgs_prescaled"
 
-# optimizer -> the handle of its step pre-hook (attaching twice registers one hook)
-_HANDLES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, object]" = weakref.WeakKeyDictionary()
-
-
-class StepAttachment:
-    """What ``attach_optimizer`` returns: ``remove()`` detaches the optimizers again."""
-
-    def __init__(self, optimizers):
-        self._optimizers = [weakref.ref(o) for o in optimizers]
-
-    def remove(self) -> None:
-        for ref in self._optimizers:
-            opt = ref()
-            if opt is not None and opt in _HANDLES:
-                _HANDLES.pop(opt).remove()
-                STEP_OPTIMIZERS.discard(opt)
-                _CHECKED.pop(opt, None)  # its next step is checked again (and refused if it still holds SGS weights)
-                for _, conv in _step_convs(opt):
-                    attach_hook(conv)
+# optimizer -> (signature of its param groups and of the set of SGS weights, [(param, conv)])
+_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+# the steps in progress, outermost first: (optimizer, ids of the gradients it scaled)
+_ACTIVE: list[tuple["weakref.ref", set[int]]] = []
 
 
-def attach_optimizer(*optimizers: torch.optim.Optimizer) -> StepAttachment:
-    """Scale the gradients of the conv weights these optimizers step, in their ``step()``.
-
-    For models transformed with ``scaling="step"``; call once, after creating the optimizer(s) over the
-    transformed model's parameters (GANs and the like: pass each optimizer that steps instrumented weights)::
-
-        model = sgs_fx.transform(model, scaling="step")
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sgs_fx.attach_optimizer(opt)
-
-    Attaching an optimizer again changes nothing. Returns a handle whose ``remove()`` undoes it.
-    """
-    if not optimizers:
-        raise TypeError("sgs_fx.attach_optimizer needs at least one optimizer")
-    for opt in optimizers:
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"sgs_fx.attach_optimizer expects torch.optim.Optimizer instances, got {type(opt).__name__}")
-    for opt in optimizers:  # all checked before any is attached
-        if not holds_step_weights(opt):
-            hooked = sum(bool(p.__dict__.get(SCALED_MARK)) for g in opt.param_groups for p in g["params"])
-            raise ValueError(
-                f"sgs_fx.attach_optimizer: this {type(opt).__name__} steps no conv weight transformed with "
-                "scaling='step'" + (f" ({hooked} SGS weight(s) of it are scaled by gradient hooks or per use "
-                                    "already: nothing to attach)" if hooked else
-                                    "; create it over the transformed model's parameters"))
-    for opt in optimizers:
-        if opt not in _HANDLES:
-            _HANDLES[opt] = opt.register_step_pre_hook(_scale_before_step)
-        STEP_OPTIMIZERS.add(opt)
-    for opt in optimizers:
-        for _, conv in _step_convs(opt):
-            attach_hook(conv)  # its forward then takes the fast path (and no longer refuses to train)
-    return StepAttachment(optimizers)
+def _signature(opt: torch.optim.Optimizer) -> tuple:
+    return (optimizers.generation(),) + tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
 
 
-def _step_convs(opt: torch.optim.Optimizer):
-    """(Parameter, conv) for each weight of ``opt`` that a conv instrumented with scaling="step" owns."""
+def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
+    """(Parameter, conv) for each weight of ``opt`` whose gradient only a step scales (cached)."""
+    sig = _signature(opt)
+    cached = _CACHE.get(opt)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    found = []
     for group in opt.param_groups:
         for p in group["params"]:
-            if not p.__dict__.get(STEP_MARK, False):
+            if not p.__dict__.get(optimizers.STEP_MARK, False):
                 continue
-            ref = _OWNERS.get(id(p))
-            conv = ref() if ref is not None else None
-            state = conv.__dict__.get("_sgs_hook") if conv is not None else None
-            if state is None or state.param is not p:  # FSDP2: the conv may hold the unsharded parameter now
-                ref = _SHARDED_OWNERS.get(id(p))
-                conv = ref() if ref is not None else None
-                if conv is None or conv.__dict__.get("_sgs_sharded") is not p:
-                    continue
-            if scales_at_step(conv):
-                yield p, conv
+            conv = _owner(p)
+            if conv is not None and scales_at_step(conv):
+                found.append((p, conv))
+    _CACHE[opt] = (sig, found)
+    return found
 
 
-def _scale_before_step(opt: torch.optim.Optimizer, args, kwargs):
-    # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
-    if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
-        raise RuntimeError(
-            f"sgs_fx: {type(opt).__name__}.step was called with a closure, which computes the gradients inside "
-            "the step, after scaling='step' has applied S; transform with scaling='hook' (the default) for "
-            "closure-based optimizers (LBFGS) and trainers that pass one (Lightning's automatic optimization)")
+def _owner(p: Tensor) -> nn.Module | None:
+    """The SGS conv whose weight ``p`` is: its current one, or (FSDP2) the sharded parameter it was gathered from."""
+    for table, attr in ((_OWNERS, "_sgs_hook"), (_SHARDED_OWNERS, "_sgs_sharded")):
+        ref = table.get(id(p))
+        conv = ref() if ref is not None else None
+        if conv is None or not is_sgs_conv(conv):
+            continue
+        held = conv.__dict__.get(attr)
+        if (held.param if attr == "_sgs_hook" and held is not None else held) is p:
+            return conv
+    return None
+
+
+def _scale(pairs, skip: set[int]) -> set[int]:
+    """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled."""
     grads: list[Tensor] = []
     scales: list[Tensor] = []
-    with torch.no_grad():  # (where DTensor.to_local() is the local shard itself)
-        for p, conv in _step_convs(opt):
+    scaled: set[int] = set()
+    with torch.no_grad():
+        for p, conv in pairs:
             g = p.grad
             if g is None:
                 continue
             if is_dtensor(g):  # FSDP2: S multiplies each rank's shard of the output or input channels
                 _check_placements(g, conv)
-                g = g.to_local()
-            if g.__dict__.get(_SCALED_AT) != g._version:
-                grads.append(g)
-                scales.append(conv._buffers[SCALE_BUFFER])
+                g = _local(g)
+            key = id(g)
+            if key in skip or key in scaled:
+                continue
+            mark = g.__dict__.pop(_PRESCALED, None)
+            if mark is not None:
+                if mark == g._version:
+                    continue  # sgs_fx.scale_gradients applied S already
+                warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
+                              "the step scales the sum again. Call scale_gradients right before the update",
+                              stacklevel=4)
+            grads.append(g)
+            scales.append(conv._buffers[SCALE_BUFFER])
+            scaled.add(key)
+            conv.__dict__["_sgs_hook"].scaled = True
         if grads:
             torch._foreach_mul_(grads, scales)  # in place: a half-precision gradient is rounded once
-    for g in grads:
-        g.__dict__[_SCALED_AT] = g._version
-    return None
+    return scaled
+
+
+def _in_outer_step() -> set[int]:
+    """The gradients that steps in progress have scaled (an optimizer stepping inside another's step)."""
+    out: set[int] = set()
+    for _, ids in _ACTIVE:
+        out |= ids
+    return out
+
+
+def _before_step(opt: torch.optim.Optimizer, args, kwargs):
+    if not optimizers.any_marked():
+        return None
+    optimizers.warn_if_adaptive(opt)
+    pairs = _step_convs(opt)
+    if _ACTIVE and _ACTIVE[-1][0]() is opt:  # left behind by a step of this optimizer that raised
+        _ACTIVE.clear()
+    entry = (weakref.ref(opt), set())
+    _ACTIVE.append(entry)
+    if not pairs:
+        return None
+    # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")
+    if closure is None:
+        entry[1].update(_scale(pairs, _in_outer_step()))
+        return None
+
+    def closure_then_scale():
+        loss = closure()
+        entry[1].update(_scale(pairs, _in_outer_step() - entry[1]))
+        return loss
+
+    if len(args) > 1:
+        return (args[0], closure_then_scale, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure_then_scale}
+
+
+def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    if _ACTIVE and _ACTIVE[-1][0]() is opt:
+        _ACTIVE.pop()
+
+
+register_optimizer_step_pre_hook(_before_step)
+register_optimizer_step_post_hook(_after_step)
+
+
+def scale_gradients(model: nn.Module) -> int:
+    """Multiply the ``.grad`` of every conv weight that ``scaling="step"`` scales at the step by its S, now.
+
+    For code that reads or applies ``.grad`` before (or without) a torch.optim step: clipping the scaled
+    gradient, a hand-written update, an optimizer outside torch.optim. The next torch.optim step leaves these
+    gradients alone. Convs scaled in the backward pass (``scaling="hook"``, tied weights) need nothing: their
+    ``.grad`` is S ⊙ G already. Returns how many gradients were scaled.
+    """
+    pairs = []
+    for conv in instrumented(model).values():
+        if is_sgs_conv(conv) and scales_at_step(conv):
+            p = conv.__dict__.get("_sgs_sharded") or conv.__dict__["_sgs_hook"].param
+            pairs.append((p, conv))
+    scaled = _scale(pairs, set())
+    for p, _ in pairs:
+        g = p.grad
+        if g is not None:
+            g = _local(g) if is_dtensor(g) else g
+            if id(g) in scaled:
+                g.__dict__[_PRESCALED] = g._version
+    return len(scaled)
+
+
+def _local(g):
+    """A DTensor gradient's local shard, the same tensor object every time (marks stay on it)."""
+    return getattr(g, "_local_tensor", None) if getattr(g, "_local_tensor", None) is not None else g.to_local()
 
 
 def _check_placements(grad, conv) -> None:

@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     scales: str = "mi"  # "mi" (SGS, MI-driven), "none" (baseline), "acb" / "repvgg" / "skeleton" (fixed S)
     mode: str = "sgs"  # "sgs" or "branches" (real multi-branch blocks for the recipe in `scales`)
-    scaling: str = "hook"  # how SGS scales the gradients: "hook" or "step" (sgs_fx.transform's `scaling`)
+    scaling: str = "step"  # when SGS scales the gradients: "step" or "hook" (sgs_fx.transform's `scaling`)
     k: float = 5
     every: int = 5
     warmup: int = 1
@@ -98,7 +98,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.mode not in ("sgs", "branches"):
         raise ValueError(f"--mode {cfg.mode!r}: use sgs or branches")
     if cfg.scaling not in ("hook", "step"):
-        raise ValueError(f"--scaling {cfg.scaling!r}: use hook or step")
+        raise ValueError(f"--scaling {cfg.scaling!r}: use step or hook")
     if cfg.mode == "branches" and cfg.scales in ("mi", "none"):
         raise ValueError("--mode branches needs a recipe: --scales acb, repvgg or skeleton")
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -166,11 +166,8 @@ def build(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
 
 def optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The recipe's SGD over ``model``; attached to SGS when S is applied in its step (``scaling="step"``)."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.scaling == "step" and cfg.mode == "sgs" and cfg.scales != "none":
-        sgs_fx.attach_optimizer(opt)
-    return opt
+    """The recipe's SGD over ``model``."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def qat_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:

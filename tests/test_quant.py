@@ -29,6 +29,7 @@ def test_qat_then_transform_scales_the_float_weight_exactly_through_the_fake_qua
     for m in (reference, sgs):
         m.zero_grad()
         m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()  # applies S (scaling='step')
     plain = dict(reference.named_parameters())
     for name, p in sgs.named_parameters():
         conv = name.rsplit(".", 1)[0]

@@ -26,7 +26,7 @@ def lines(path):
 def test_runs_are_interleaved_by_seed_and_a_rerun_skips_what_is_done(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     study.main([*SMOKE, "--arms", "baseline", "sgs", "--seeds", "0", "1", "--out", str(out)])
-    rows = lines(out)
+    rows = study.read_rows(out)
     assert [(r["seed"], r["arm"]) for r in rows] == [(0, "baseline"), (0, "sgs"), (1, "baseline"), (1, "sgs")]
     for r in rows:
         assert {"arm", "seed", "model", "epochs", "train_images", "float_acc", "final_loss", "train_s",
@@ -39,7 +39,10 @@ def test_runs_are_interleaved_by_seed_and_a_rerun_skips_what_is_done(tmp_path, c
     study.main([*SMOKE, "--arms", "baseline", "sgs", "acb_fixed", "--seeds", "0", "1", "--out", str(out)])
     assert "2 run(s) to do, 4 already in" in capsys.readouterr().out
     assert out.read_text().startswith(before)
-    assert [(r["seed"], r["arm"]) for r in lines(out)[4:]] == [(0, "acb_fixed"), (1, "acb_fixed")]
+    assert [(r["seed"], r["arm"]) for r in study.read_rows(out)[4:]] == [(0, "acb_fixed"), (1, "acb_fixed")]
+    # another batch size is another experiment: not skipped, and reported apart
+    study.main([*SMOKE, "--arms", "baseline", "--seeds", "0", "--out", str(out), "--batch-size", "8"])
+    assert "1 run(s) to do" in capsys.readouterr().out
 
 
 def test_the_budget_stops_before_a_run_that_would_not_fit(tmp_path, capsys, monkeypatch):
@@ -51,6 +54,49 @@ def test_the_budget_stops_before_a_run_that_would_not_fit(tmp_path, capsys, monk
     assert "budget:" in text and "stopping with" in text
     done = [r["seed"] for r in lines(out)]
     assert 1 <= len(done) < 3 and done == list(range(len(done)))
+
+
+def test_the_budget_estimates_a_run_from_earlier_runs_in_the_file():
+    rows = [dict(r, wall_s=300.0, arm="sgs") for r in _rows("sgs", [0.5])]
+    recipe = {k: rows[0][k] for k in study.RECIPE}
+    assert study._estimate("sgs", "vgg11_bn", recipe, rows, {}) == 300.0  # the file's runs of this arm and recipe
+    assert study._estimate("sgs", "vgg11_bn", dict(recipe, batch_size=64), rows, {}) == 0.0  # another recipe
+    assert study._estimate("acb_branches", "vgg11_bn", recipe, rows, {("baseline", "vgg11_bn"): [10.0]}) == 26.0
+
+
+def test_odd_lines_are_skipped_and_a_failed_run_is_recorded_and_not_repeated(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    out.write_text('[]\nnull\n"x"\n{"arm": "sgs", "seed": 0}\n')
+    real = study.train_fast
+
+    def diverging(recipe, *a, **kw):
+        if recipe.arm == "sgs" and recipe.seed == 1:
+            raise FloatingPointError("the training loss is nan")
+        return real(recipe, *a, **kw)
+
+    monkeypatch.setattr(study, "train_fast", diverging)
+    study.main([*SMOKE, "--arms", "baseline", "sgs", "--seeds", "0", "1", "--out", str(out), "--report-after"])
+    text = capsys.readouterr()
+    assert text.err.count("skipped a line that is not a run") == 2 * 4  # read to resume, and for the report
+    rows = {(r["arm"], r["seed"]): r for r in study.read_rows(out)}
+    assert len(rows) == 4 and rows[("sgs", 1)]["float_acc"] is None and "nan" in rows[("sgs", 1)]["error"]
+    assert "FAILED FloatingPointError" in text.out and "(1 without a float result)" in text.out
+    study.main([*SMOKE, "--arms", "baseline", "sgs", "--seeds", "0", "1", "--out", str(out)])
+    assert "0 run(s) to do" in capsys.readouterr().out  # a failure is a result; --retry-failed runs it again
+    study.main([*SMOKE, "--arms", "baseline", "sgs", "--seeds", "0", "1", "--out", str(out), "--retry-failed"])
+    assert "1 run(s) to do" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused_before_any_run(tmp_path, capsys):
+    out = str(tmp_path / "r.jsonl")
+    for bad, says in ((["--seeds", "0", "0"], "--seeds lists a value twice"), (["--int8-batches", "0"], ">= 1"),
+                      (["--width", "0"], "--width must be > 0"), (["--epochs", "0"], "--epochs must be >= 1")):
+        with pytest.raises(SystemExit):
+            study.main([*SMOKE, *bad, "--out", out])
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--report", str(tmp_path / "missing.jsonl")])
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_a_line_cut_by_a_kill_is_redone(tmp_path):
@@ -67,7 +113,9 @@ def test_int8_accuracy_is_recorded_inline_or_by_a_worker_process(tmp_path):
         out = tmp_path / f"r{workers}.jsonl"
         study.main(["--smoke", "--epochs", "2", "--arms", "acb_branches", "--seeds", "0", "--out", str(out),
                     "--int8-batches", "2", "--int8-workers", workers])
-        (rows[workers],) = lines(out)
+        float_line, int8_line = lines(out)  # the float result at once, the INT8 score as a line of its own
+        assert "int8_acc" not in float_line and study.key(int8_line) == study.key(float_line)
+        (rows[workers],) = study.read_rows(out)
     for row in rows.values():
         assert 0 <= row["int8_acc"] <= 1 and row["int8_agreement"] is not None and row["int8_s"] > 0
     assert rows["0"]["float_acc"] == rows["1"]["float_acc"]
@@ -80,8 +128,10 @@ SGS = [0.8010, 0.7911, 0.8073, 0.7810, 0.7881, 0.7816, 0.8103, 0.7739]
 
 
 def _rows(arm, accs, seeds=None):
-    return [{"arm": arm, "seed": s, "model": "vgg11_bn", "width": 1.0, "epochs": 40, "train_images": 15000,
-             "smoke": False, "float_acc": a, "steady_step_ms": 1.0} for s, a in zip(seeds or range(len(accs)), accs)]
+    return [{"arm": arm, "seed": s, "model": "vgg11_bn", "width": 1.0, "epochs": 40, "batch_size": 128,
+             "data": "0123456789abcdef", "smoke": False, "compile": False, "device_type": "cuda",
+             "train_images": 15000, "float_acc": a, "steady_step_ms": 1.0}
+            for s, a in zip(seeds or range(len(accs)), accs)]
 
 
 def test_report_arithmetic_matches_the_hand_computation():

@@ -124,8 +124,8 @@ def test_step_scaling_trains_bit_for_bit_like_the_hook(tmp_path):
     # One backward per step: the hook's S * G and the step's in-place G * S are the same products, so the two
     # runs (resumed, and through the switch to fake-quant training) end with identical weights.
     small = {**SMALL, "qat_epoch": 2}
-    train(TrainConfig(out=str(tmp_path / "hook"), export=False, plots=False, **small))
-    cfg = TrainConfig(out=str(tmp_path / "step"), scaling="step", export=False, plots=False, **small)
+    train(TrainConfig(out=str(tmp_path / "hook"), scaling="hook", export=False, plots=False, **small))
+    cfg = TrainConfig(out=str(tmp_path / "step"), export=False, plots=False, **small)  # the default: "step"
     train(cfg, stop_at=1)
     train(cfg, resume=True)
     a = torch.load(tmp_path / "hook" / "checkpoint.pt", weights_only=False)

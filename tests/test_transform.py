@@ -142,6 +142,7 @@ def test_functional_conv_of_an_ordinary_module_is_instrumented():
         for mm in (model, m):
             mm.zero_grad()
             mm(x).pow(2).sum().backward()
+            torch.optim.SGD(mm.parameters(), lr=0.0).step()  # applies S (scaling='step')
         assert torch.equal(m.w.grad, scales["sgs_w"] * model.w.grad)  # S ⊙ (G1 + G2)
         assert torch.equal(m.conv.weight.grad, scales["conv"] * model.conv.weight.grad)
     # the MI pools the inputs of both calls: equal to the estimator on their concatenation
@@ -154,6 +155,7 @@ def test_functional_conv_of_an_ordinary_module_is_instrumented():
     assert [n for n, _ in stripped.named_modules()] == ["", "conv"] and not stripped._forward_pre_hooks
     stripped.zero_grad()
     stripped(x).pow(2).sum().backward()
+    torch.optim.SGD(stripped.parameters(), lr=0.0).step()  # applies S (scaling='step')
     assert torch.equal(stripped.w.grad, model.w.grad)
 
 
@@ -168,6 +170,7 @@ def test_functional_weight_replaced_by_load_state_dict_assign_keeps_S():
     for m in (model, sgs):
         m.zero_grad()
         m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()  # applies S (scaling='step')
     assert torch.equal(sgs.w.grad, (s / s.mean()) * model.w.grad)
 
 
@@ -197,6 +200,7 @@ def test_functional_call_with_a_conv_weight_shares_the_conv_S(caplog):
     for m in (model, sgs):
         m.zero_grad()
         m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()  # applies S (scaling='step')
     assert torch.equal(sgs.conv.weight.grad, s * model.conv.weight.grad)
     # tied after transform, the call's own S and the conv's cannot both hold: refused, with what to do
     functional = sgs_fx.transform(Functional())

@@ -1,8 +1,10 @@
-"""S survives everything that replaces, copies or re-wraps the weight Parameter (issue 9).
+"""S survives everything that replaces, copies or re-wraps the weight Parameter (issues 9 and 22).
 
-The gradient hook lives on a Parameter object; each case below replaces or bypasses that object and
-checks, exactly in float64, that the weight gradient is still S ⊙ G (and every other gradient G).
+Each case below replaces or bypasses the Parameter object that SGS knows (the hook's, or the step's mark) and
+checks, exactly in float64, that the gradient an optimizer step uses is still S ⊙ G (and every other gradient G),
+under both scalings: every test runs once with ``scaling="step"`` (the default) and once with ``"hook"``.
 """
+import functools
 import copy
 import io
 import logging
@@ -33,10 +35,24 @@ def scaled(model, seed=1):
     return sgs_fx.get_scales(model)
 
 
+@pytest.fixture(autouse=True, params=["step", "hook"])
+def scaling(request, monkeypatch):
+    """Every test of this module under both scalings: ``sgs_fx.transform`` defaults to the parameter here."""
+    if request.param == "step" and request.node.get_closest_marker("hook_only"):
+        pytest.skip("scaling='hook' only (what scaling='step' does instead is tested in test_step.py)")
+    monkeypatch.setattr(sgs_fx, "transform", functools.partial(_TRANSFORM, scaling=request.param))
+    return request.param
+
+
+_TRANSFORM = sgs_fx.transform
+
+
 def grads(model, x, call=None, params=None, backwards=1):
+    """The gradients an optimizer step uses: backward(s), then a step of SGD at lr 0 (weights unchanged)."""
     model.zero_grad(set_to_none=True)
     for _ in range(backwards):  # more than one: gradient accumulation
         (call if call is not None else model)(x).pow(2).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
     return {n: p.grad.clone() for n, p in (params or dict(model.named_parameters())).items()}
 
 
@@ -143,6 +159,7 @@ def same_net():
     return nn.Sequential(Conv2dSame(3, 4, 3, stride=2)).double()
 
 
+@pytest.mark.hook_only
 @pytest.mark.parametrize("make", [net, same_net],
                          ids=["torch_forward", "own_forward"])
 def test_functional_call_scales_the_tensors_passed_in(make):
@@ -206,7 +223,7 @@ def _fsdp2_worker(rank, world, init, out):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     from torch.distributed.fsdp import fully_shard
 
-    model = sgs_fx.transform(net())
+    model = sgs_fx.transform(net(), scaling="hook")  # (a spawned process: the fixture's default is not here)
     scaled(model)
     for m in model:
         if isinstance(m, nn.Conv2d):
@@ -221,6 +238,7 @@ def _fsdp2_worker(rank, world, init, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.hook_only  # scaling="step" under FSDP2: test_step.py
 def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "grads.pt")
@@ -291,12 +309,6 @@ def test_data_parallel_replicas_keep_S(make, monkeypatch):
     _check_data_parallel(sgs_fx.transform(make()), monkeypatch)
 
 
-def test_data_parallel_replicas_scale_per_use_under_graph_scaling(monkeypatch):
-    sgs = sgs_fx.transform(net(), scaling="graph")
-    assert all(m.__dict__.get("_sgs_per_use") for m in sgs_fx.instrumented(sgs).values())
-    _check_data_parallel(sgs, monkeypatch)
-
-
 def _check_data_parallel(sgs, monkeypatch):
     replicate = _cpu_replicate(monkeypatch)
     scaled(sgs)
@@ -336,13 +348,12 @@ def test_data_parallel_hooks_a_weight_replaced_behind_the_module(monkeypatch):
         assert (got[name] - expected).abs().max().item() <= 1e-10, name
 
 
-@pytest.mark.parametrize("scaling", ["hook", "graph"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-def test_activation_checkpointing_keeps_S(reentrant, scaling):
+def test_activation_checkpointing_keeps_S(reentrant):
     # the forward runs again inside backward (reentrant: under a backward of its own)
     from torch.utils.checkpoint import checkpoint
 
-    sgs = sgs_fx.transform(net(), scaling=scaling)
+    sgs = sgs_fx.transform(net())
     scales = scaled(sgs)
     x = X.clone().requires_grad_(reentrant)  # the reentrant variant needs an input that requires grad
     got = grads(sgs, x, call=lambda inp: checkpoint(sgs, inp, use_reentrant=reentrant))

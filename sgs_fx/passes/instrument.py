@@ -24,7 +24,7 @@ __all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_sc
 logger = logging.getLogger("sgs_fx")
 
 MODES = ("sgs", "branches")
-SCALINGS = ("hook", "graph", "step")
+SCALINGS = ("step", "hook")
 
 
 def transform(
@@ -36,7 +36,7 @@ def transform(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     branches=None,
-    scaling: str = "hook",
+    scaling: str = "step",
 ) -> nn.Module:
     """Instrument every selected conv of ``model`` for Spatial Gradient Scaling.
 
@@ -51,13 +51,13 @@ def transform(
         inplace: modify ``model`` itself; otherwise a deep copy is transformed and returned.
         branches: ``mode="branches"`` only: a recipe name ("acb", "repvgg", "skeleton") or a list of
             ``(kernel_shape, alpha)`` pairs; default: masked branches reproducing ``scales``.
-        scaling: how a conv module's weight gradient is scaled. ``"hook"`` (default): a gradient hook on the
-            Parameter, exact wherever a gradient is computed. ``"graph"``: ``scale_grad`` in the conv's forward
-            graph, which ``torch.compile`` fuses into the compiled backward (~15 % dearer eager).
-            ``"step"``: no hook and no graph op; the optimizer given to ``sgs_fx.attach_optimizer`` multiplies
-            every weight's ``.grad`` by S at the start of its ``step()`` (the cheapest, eager and compiled;
-            ``torch.autograd.grad`` and gradient clipping see the unscaled gradient: see ``sgs_fx.step``).
-            The same update in every case. F.conv calls of ordinary modules always use the hook.
+        scaling: when S is applied. ``"step"`` (default): any torch.optim optimizer's ``step()`` multiplies the
+            weight's ``.grad`` by S (the official code's order, at the plain model's cost, eager or compiled);
+            gradients read before the step (clipping, ``torch.autograd.grad``) are the unscaled G
+            (``sgs_fx.scale_gradients`` applies S earlier). ``"hook"``: a gradient hook on the Parameter
+            applies S in the backward pass, so every gradient anyone reads is S ⊙ G (~3 % dearer on a
+            host-bound step). The same update either way. Tied weights and F.conv calls of ordinary modules
+            are scaled in the backward pass in both.
 
     Returns:
         The transformed model (``model`` itself when ``inplace=True``).
@@ -74,8 +74,8 @@ def transform(
     if mode == "sgs" and branches is not None:
         raise ValueError("sgs_fx.transform: `branches` only applies to mode='branches'")
     if scaling not in SCALINGS:
-        raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'hook' (the default), 'graph' "
-                         "(torch.compile) or 'step' (with sgs_fx.attach_optimizer)")
+        raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'step' (the default: S applied by "
+                         "the optimizer's step) or 'hook' (S applied in the backward pass)")
     _refuse_unsupported(model, mode, filter_fn or default_filter)
     if not inplace:
         model = copy_model(model, "sgs_fx.transform")
@@ -125,10 +125,7 @@ def transform(
     if mode == "sgs":
         tied = _tied_weights(modules, candidates)
         for i, name in enumerate(candidates):
-            # scaling="graph" puts scale_grad in each conv's forward; a parametrized weight is computed inside
-            # the forward of torch's parametrization, so its original keeps the hook (also exact when compiled)
-            graph = scaling == "graph" and not _parametrized(modules[name])
-            _instrument_sgs(modules[name], order=start + i, per_use=name in tied or graph, at_step=scaling == "step")
+            _instrument_sgs(modules[name], order=start + i, per_use=name in tied, at_step=scaling == "step")
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
         if conv_nodes:
