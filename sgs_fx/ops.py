@@ -41,6 +41,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.compiler import is_compiling as _compiling
 from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
@@ -371,9 +372,8 @@ class SGSConvMixin:
         # The fast path: identity tests only (the hook, or the step's mark, is on this weight and this S).
         state = self.__dict__.get("_sgs_hook")
         if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
-            # (a compiled forward skips the check: its graph stays the plain model's)
-            if state.at_step and not torch.compiler.is_compiling() and w._version != state.version:
-                _check_update(self, state, w)
+            if state.at_step and not _compiling() and w._version != state.version:
+                _check_update(self, state, w)  # (a compiled forward skips it: its graph stays the plain model's)
             return w
         return self._sgs_weight_slow(w)
 
@@ -409,8 +409,11 @@ class SGSConvMixin:
         state = self.__dict__.get("_sgs_hook")
         if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
             w = self._sgs_weight_slow(w)
-        elif state.at_step and not torch.compiler.is_compiling() and w._version != state.version:
-            _check_update(self, state, w)  # (a compiled forward skips it: its graph stays the plain model's)
+        elif state.at_step and not _compiling() and w._version != state.version:  # (compiled: the plain graph)
+            if state.scaled and torch.is_grad_enabled():  # the common case, inlined: a step applied S since
+                state.version, state.scaled = w._version, False
+            else:
+                _check_update(self, state, w)
         return self._conv_forward(input, w, self.bias)
 
     def _apply(self, fn, recurse=True):

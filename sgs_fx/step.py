@@ -48,6 +48,8 @@ logger = logging.getLogger("sgs_fx")
 # (and a gradient accumulated into afterwards is told apart).
 _PRESCALED = "_sgs_prescaled"
 
+# whether sgs_fx.scale_gradients ever ran (until then the step looks for no marks)
+_PRESCALED_ANY = [False]
 # optimizer -> (signature of its param groups and of the set of SGS weights, [(param, conv)])
 _CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 # the steps in progress, outermost first: (optimizer, ids of the gradients it scaled)
@@ -89,11 +91,28 @@ def _owner(p: Tensor) -> nn.Module | None:
     return None
 
 
+def _full_scale(conv: nn.Module, g: Tensor) -> Tensor:
+    """S broadcast to the gradient's shape, materialised and cached until S changes: ``_foreach_mul_`` then takes
+    its fused path (one kernel for every conv on a GPU; broadcasting would cost one op per conv). Its memory is
+    that of the conv's weight."""
+    s = conv._buffers[SCALE_BUFFER]
+    if torch.compiler.is_compiling():  # a compiled step fuses the broadcast into the multiply (or the update)
+        return s
+    cached = conv.__dict__.get("_sgs_full")
+    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape \
+            and cached[2].device == g.device:
+        return cached[2]
+    full = s.expand(g.shape).contiguous() if s.device == g.device else s.to(g.device).expand(g.shape).contiguous()
+    conv.__dict__["_sgs_full"] = (s, s._version, full)
+    return full
+
+
 def _scale(pairs, skip: set[int]) -> set[int]:
     """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled."""
     grads: list[Tensor] = []
     scales: list[Tensor] = []
     scaled: set[int] = set()
+    prescaled = _PRESCALED_ANY[0]
     with torch.no_grad():
         for p, conv in pairs:
             g = p.grad
@@ -105,15 +124,16 @@ def _scale(pairs, skip: set[int]) -> set[int]:
             key = id(g)
             if key in skip or key in scaled:
                 continue
-            mark = g.__dict__.pop(_PRESCALED, None)
-            if mark is not None:
-                if mark == g._version:
-                    continue  # sgs_fx.scale_gradients applied S already
-                warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
-                              "the step scales the sum again. Call scale_gradients right before the update",
-                              stacklevel=4)
+            if prescaled:
+                mark = g.__dict__.pop(_PRESCALED, None)
+                if mark is not None:
+                    if mark == g._version:
+                        continue  # sgs_fx.scale_gradients applied S already
+                    warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
+                                  "the step scales the sum again. Call scale_gradients right before the update",
+                                  stacklevel=4)
             grads.append(g)
-            scales.append(conv._buffers[SCALE_BUFFER])
+            scales.append(_full_scale(conv, g))
             scaled.add(key)
             conv.__dict__["_sgs_hook"].scaled = True
         if grads:
@@ -123,10 +143,15 @@ def _scale(pairs, skip: set[int]) -> set[int]:
 
 def _in_outer_step() -> set[int]:
     """The gradients that steps in progress have scaled (an optimizer stepping inside another's step)."""
+    if len(_ACTIVE) < 2:
+        return _NOTHING
     out: set[int] = set()
-    for _, ids in _ACTIVE:
+    for _, ids in _ACTIVE[:-1]:
         out |= ids
     return out
+
+
+_NOTHING: frozenset = frozenset()
 
 
 def _before_step(opt: torch.optim.Optimizer, args, kwargs):
@@ -148,7 +173,7 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
 
     def closure_then_scale():
         loss = closure()
-        entry[1].update(_scale(pairs, _in_outer_step() - entry[1]))
+        entry[1].update(_scale(pairs, _in_outer_step()))  # (each call computes new gradients: scale them all)
         return loss
 
     if len(args) > 1:
@@ -179,6 +204,7 @@ def scale_gradients(model: nn.Module) -> int:
             p = conv.__dict__.get("_sgs_sharded") or conv.__dict__["_sgs_hook"].param
             pairs.append((p, conv))
     scaled = _scale(pairs, set())
+    _PRESCALED_ANY[0] = True
     for p, _ in pairs:
         g = p.grad
         if g is not None:
