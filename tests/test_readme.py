@@ -1,4 +1,4 @@
-"""The README's quick start runs as printed (with a tiny stand-in for the user's data)."""
+"""The README's quick start and the INT8 page's example run as printed (with a tiny stand-in for the user's data)."""
 import re
 from pathlib import Path
 
@@ -8,13 +8,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _python_block(heading: str) -> str:
-    """The first python code block under the README's section ``## <heading>``."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+def _python_block(heading: str | None, doc: str = "README.md") -> str:
+    """The first python code block under ``## <heading>`` of ``doc`` (of the whole file if heading is None)."""
+    text = (ROOT / doc).read_text()
+    section = text if heading is None else text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, f"README.md: no python block under '## {heading}'"
+    assert blocks, f"{doc}: no python block under '## {heading}'"
     return blocks[0]
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 12 * 1024, "the README is read in five minutes: details go to docs/"
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name}: {target}"
 
 
 @pytest.mark.slow
@@ -46,7 +54,7 @@ def test_readme_int8_block_runs(tmp_path, monkeypatch, capsys):
     model = build_model("vgg11_bn", width=0.125)
     namespace = {"sgs_fx": __import__("sgs_fx"), "model": model, "float_model": model, "x": images[:32],
                  "train_loader": loader, "val_images": images}
-    qat_part, ptq_part = _python_block("INT8 deployment").split("\nptq = ", 1)
+    qat_part, ptq_part = _python_block(None, "docs/int8.md").split("\nptq = ", 1)
     before_export, export = qat_part.split("\nreport = ", 1)
     monkeypatch.chdir(tmp_path)  # the block writes int8.onnx and ptq_int8.onnx into the working directory
     exec(compile(before_export, "README.md INT8 block", "exec"), namespace)

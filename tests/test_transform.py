@@ -257,3 +257,33 @@ def test_adam_warns_once(caplog, copied):
                 opt.step()
     assert caplog.text.count("Adam steps SGS-instrumented weights") == 1
     assert "SGD steps" not in caplog.text
+
+
+class OnlyFunctionalConvs(nn.Module):
+    """No conv module at all: its convs are F.conv2d calls with its own kernels."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.k1 = nn.Parameter(torch.randn(4, 3, k, k, dtype=torch.float64))
+        self.k2 = nn.Parameter(torch.randn(2, 4, k, k, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(F.conv2d(x, self.k1, padding=1)), self.k2)
+
+
+def test_a_model_whose_only_convs_are_F_conv_calls_is_instrumented():
+    model = OnlyFunctionalConvs()
+    sgs = sgs_fx.transform(model)
+    assert set(sgs_fx.instrumented(sgs)) == {"sgs_k1", "sgs_k2"}
+    scales = random_scales(sgs)
+    sgs_fx.set_scales(sgs, scales)
+    scales = sgs_fx.get_scales(sgs)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for m in (model, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()
+    assert torch.equal(sgs.k1.grad, scales["sgs_k1"] * model.k1.grad)
+    assert torch.equal(sgs.k2.grad, scales["sgs_k2"] * model.k2.grad)
+    with pytest.raises(ValueError, match=r"makes 2 F.conv call\(s\) \(k1, k2\) but none is selected"):
+        sgs_fx.transform(OnlyFunctionalConvs(k=1), filter_fn=None)

@@ -95,7 +95,17 @@ def transform(
         raise ValueError(
             f"sgs_fx.transform(mode='branches'): this GraphModule calls {conv_nodes} conv(s) as graph nodes; branch "
             "blocks replace conv modules only. Use mode='sgs' (the default) on graphs")
-    if not candidates and not already and not conv_nodes:
+    sites = _graph_sites(model) if isinstance(model, fx.GraphModule) else find_conv_call_sites(model, example_inputs)
+    if not sites.traced:
+        logger.warning(
+            "sgs_fx.transform: torch.fx could not trace %s (%s); instrumenting conv modules found by "
+            "walking named_modules() instead%s; functional F.conv calls are not instrumented",
+            type(model).__name__, sites.error,
+            " (call order from example_inputs)" if sites.order else "",
+        )
+
+    calls = [c for c in sites.functional_calls if mode == "sgs"]
+    if not candidates and not already and not conv_nodes and not calls:
         n_convs = sum(is_plain_conv(m) for m in modules.values())
         n_transposed = sum(isinstance(m, _ConvNd) and m.transposed for m in modules.values())
         if n_convs:
@@ -110,15 +120,6 @@ def transform(
             "(default: all spatial kernel dims > 1; pass filter_fn to select others)"
         )
 
-    sites = _graph_sites(model) if isinstance(model, fx.GraphModule) else find_conv_call_sites(model, example_inputs)
-    if not sites.traced:
-        logger.warning(
-            "sgs_fx.transform: torch.fx could not trace %s (%s); instrumenting conv modules found by "
-            "walking named_modules() instead%s; functional F.conv calls are not instrumented",
-            type(model).__name__, sites.error,
-            " (call order from example_inputs)" if sites.order else "",
-        )
-
     rank = {name: i for i, name in enumerate(sites.order)}
     candidates.sort(key=lambda n: rank.get(n, len(rank)))
     start = len(already)
@@ -128,6 +129,11 @@ def transform(
             _instrument_sgs(modules[name], order=start + i, per_use=name in tied, at_step=scaling == "step")
         if sites.functional_calls:
             candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
+            if not candidates and not already and not conv_nodes:
+                raise ValueError(
+                    f"sgs_fx.transform: {type(model).__name__} makes {len(sites.functional_calls)} F.conv call(s) "
+                    f"({', '.join(dict.fromkeys(p for p, _ in sites.functional_calls))}) but none is selected by the "
+                    "filter (default: all spatial kernel dims > 1; pass filter_fn to select others)")
         if conv_nodes:
             nodes = instrument_graph(model, selected, start=start + len(candidates))
             if not candidates and not nodes and not already:
