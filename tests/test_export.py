@@ -261,7 +261,7 @@ def test_several_inputs_bad_input_is_named(tmp_path):
     model = sgs_fx.transform(ImageMaskLabel())
     inputs = (torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"dim 0 is the batch, and they must agree.*dynamic_batch=False"):
-        sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1][:1], inputs[2]))
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", (inputs[0], inputs[1][:1], inputs[2]), dynamic_batch=True)
     with pytest.raises(TypeError, match="tensor or a tuple of tensors.*got tuple of int, int"):
         sgs_fx.export_onnx(model, tmp_path / "m.onnx", (1, 2))
     with pytest.raises(TypeError, match="is a list; pass a tuple of tensors"):
@@ -290,6 +290,23 @@ def test_fixed_shape_export_feeds_each_input_its_own_shape(tmp_path):
     model = sgs_fx.transform(ImageAndOffsets())
     inputs = (torch.randn(2, 3, 8, 8), torch.randn(4))
     with pytest.raises(ValueError, match="dim 0 is the batch"):
-        sgs_fx.export_onnx(model, tmp_path / "m.onnx", inputs)
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", inputs, dynamic_batch=True)
     report = sgs_fx.export_onnx(model, tmp_path / "fixed.onnx", inputs, dynamic_batch=False)
     assert report.passed and list(report.max_abs_diff) == [2]
+    auto = sgs_fx.export_onnx(model, tmp_path / "auto.onnx", inputs)  # unset: no shared batch dim, so fixed
+    assert auto.passed and list(auto.max_abs_diff) == [2] and "share no batch dim" in auto.static_batch
+
+
+def test_a_static_torch_export_program_is_exported_at_its_shape(tmp_path):
+    # torch.export's guards fix the batch dim of a program exported without dynamic shapes: by default it is
+    # exported (and checked) at that shape, and the report says why; asking for a dynamic batch is a clear error
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    plain = sgs_fx.strip(sgs_fx.transform(torch.export.export(model, (x,)).module()))
+    report = sgs_fx.export_onnx(plain, tmp_path / "static.onnx", x)
+    assert report.passed and list(report.max_abs_diff) == [4]
+    assert "Guard failed" in report.static_batch and "batch dim exported fixed" in str(report)
+    with pytest.raises(ValueError, match=r"dynamic_batch=True, but .* takes only batch size 4 .*dynamic_batch=False"):
+        sgs_fx.export_onnx(plain, tmp_path / "dyn.onnx", x, dynamic_batch=True)
+    dynamic = sgs_fx.export_onnx(model, tmp_path / "dynamic.onnx", x)  # an ordinary module: dynamic as before
+    assert dynamic.static_batch is None and list(dynamic.max_abs_diff) == [1, 3]

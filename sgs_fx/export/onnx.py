@@ -56,6 +56,8 @@ class ExportReport:
         ort_ops: op type -> count in the graph onnxruntime runs after its optimisations (QLinearConv
             there means int8 kernels; a quantized model only).
         size_bytes: the file's size, with the external-data file holding its weights.
+        static_batch: why the batch dim was exported fixed although ``dynamic_batch`` was left unset (the
+            model runs only at the example's batch size), or None.
     """
 
     path: str
@@ -76,6 +78,7 @@ class ExportReport:
     min_agreement: float = 0.97
     ort_ops: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
+    static_batch: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -96,6 +99,8 @@ class ExportReport:
         lines = [f"{kind} export: {self.path} (opset {self.opset}, {self.exporter} exporter, "
                  f"{sum(self.op_counts.values())} nodes, {self.size_bytes / 1024:.0f} KiB)"]
         lines.append(f"  ops: {_ops_text(self.op_counts)}")
+        if self.static_batch:
+            lines.append(f"  batch dim exported fixed: the model runs only at its example's batch size ({self.static_batch})")
         if self.quantized:
             lines.append(f"  onnxruntime runs: {_ops_text(self.ort_ops)}")
             lines.append(f"  top-1 agreement with the PyTorch fake-quant model: {self.agreement:.2%} of "
@@ -122,7 +127,7 @@ def _ops_text(counts: dict[str, int]) -> str:
 Inputs = Union[Tensor, "tuple[Tensor, ...]"]
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs, *, dynamic_batch: bool = True,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs, *, dynamic_batch: bool | None = None,
                 opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
                 rtol: float = 1e-5, check_input: Inputs | None = None, min_agreement: float = 0.97) -> ExportReport:
     """Strip a copy of ``model``, export it to ``path`` and check it with onnxruntime.
@@ -138,7 +143,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
             inputs, each (N, ...) with the same N (the batch dim they share). They set the non-batch dims;
             the checks draw inputs like them: floats from a normal of their mean and std, integers (token
             ids, labels) uniformly between their min and max, booleans at random.
-        dynamic_batch: export the batch dim as dynamic (otherwise only N is checked).
+        dynamic_batch: export the batch dim as dynamic (then batch sizes ``check_batch_sizes`` are checked) or
+            not (only N is). Default: dynamic where the model takes other batch sizes than the example's; a
+            static ``torch.export`` program (its guards fix dim 0) is exported at its shape, and the report says so.
         opset: ONNX opset (default: the exporter's).
         check_batch_sizes: batch sizes run through onnxruntime and PyTorch.
         atol, rtol: a float model passes where each check's largest |onnxruntime - PyTorch| is at most
@@ -175,8 +182,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     xs = _as_inputs(example_input, "example_input")
     if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"export_onnx: atol and rtol must be >= 0 (got atol={atol}, rtol={rtol})")
+    static_reason = None
     if dynamic_batch:
         _check_batch_dim(xs)
+    elif dynamic_batch is None and (any(x.dim() == 0 for x in xs) or len({len(x) for x in xs}) > 1):
+        dynamic_batch, static_reason = False, f"the inputs share no batch dim: {_shapes(xs)}"
     if check_input is not None:
         check_input = _check_like(_as_inputs(check_input, "check_input"), xs)
     plain = strip(unwrap(model)).eval().cpu()  # a DDP / DataParallel / torch.compile wrapper: its model
@@ -193,6 +203,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     except Exception as exc:
         raise ValueError(f"export_onnx: example_input of shape {_shapes(xs)} does not fit "
                          f"{type(plain).__name__}: {exc}") from exc
+    if dynamic_batch is not False:
+        static_reason = _fixed_batch(plain, xs)
+        if static_reason is not None and dynamic_batch:
+            raise ValueError(f"export_onnx: dynamic_batch=True, but {type(plain).__name__} takes only batch size "
+                             f"{_batch_size(xs[0])} ({static_reason}); pass dynamic_batch=False (or leave it unset) "
+                             "to export it at that shape")
+        dynamic_batch = static_reason is None
     exporter, reason = _export(to_qdq(plain) if quantized else plain, xs, path, dynamic_batch, opset)
     import onnx
 
@@ -200,7 +217,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     onnx.checker.check_model(path)
     report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto), atol=atol,
                           rtol=rtol, fallback_reason=reason, quantized=quantized, min_agreement=min_agreement,
-                          size_bytes=file_size(path, proto))
+                          size_bytes=file_size(path, proto), static_batch=static_reason)
     sizes = tuple(check_batch_sizes) if dynamic_batch else (None,)  # None: the example's own shapes
     session = _session(path, report)
     _compare(plain, session, xs, sizes, report)
@@ -337,6 +354,18 @@ def _batch_size(x: Tensor) -> int:
 
 def _shapes(xs: tuple[Tensor, ...]) -> str:
     return str(tuple(xs[0].shape)) if len(xs) == 1 else ", ".join(str(tuple(x.shape)) for x in xs)
+
+
+def _fixed_batch(model: nn.Module, xs: tuple[Tensor, ...]) -> str | None:
+    """Why ``model`` runs only at the example's batch size (a static ``torch.export`` program's guard), or None."""
+    n = _batch_size(xs[0])
+    other = tuple(_random_like(x, n + 1, torch.Generator().manual_seed(2)) for x in xs)
+    try:
+        with torch.no_grad():
+            model(*other)
+    except Exception as exc:  # guards raise AssertionError; shape-specialised code RuntimeError
+        return f"at batch {n + 1}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return None
 
 
 def _check_batch_dim(xs: tuple[Tensor, ...]) -> None:
