@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sgs_fx.data import synthetic_cifar, to_float  # noqa: E402
-from sgs_fx.export.qdq import QDQConv, UnsupportedQuantizationError, to_qdq  # noqa: E402
+from sgs_fx.export.qdq import QDQConv, QDQLinear, UnsupportedQuantizationError, to_qdq  # noqa: E402
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def trained_qat(data):
     torch.manual_seed(0)
     qat = sgs_fx.transform(sgs_fx.prepare_qat(build_model("vgg11_bn", width=0.125), x[:2]))
     sgs_fx.MIScheduler(qat, [x[:64]], batches=1).calibrate()
-    return _train(qat, x, y)
+    return _train(qat, x, y, steps=200)  # a real classifier (86 % on the synthetic test set, 8 classes predicted)
 
 
 def test_qdq_weights_are_the_fake_quantized_weights_bit_for_bit(trained_qat, data):
@@ -150,9 +150,65 @@ def test_agreement_below_threshold_raises_and_keeps_the_file(trained_qat, data, 
     path = tmp_path / "int8.onnx"
     with pytest.raises(ValueError, match=r"check_input must be shaped like example_input, \(N, 3, 32, 32\) with one N; got \(4, 3, 16, 32\)"):
         sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:4, :, :16])
-    with pytest.raises(sgs_fx.ExportMismatchError, match="agrees on top-1 below min_agreement") as info:
+    with pytest.raises(sgs_fx.ExportMismatchError, match=r"top-1 agreement .* < min_agreement=1.01") as info:
         sgs_fx.export_onnx(trained_qat, path, data[2][:1], check_input=data[2][:64], min_agreement=1.01)
     assert path.exists() and info.value.report.quantized and not info.value.report.passed
+
+
+def _corrupting(monkeypatch, corrupt):
+    """export_onnx writes a QDQ graph that ``corrupt`` damaged after the conversion: a bug the check must catch."""
+    import sgs_fx.export.onnx as export_module
+
+    real = export_module.to_qdq
+
+    def damaged(model):
+        qdq = real(model)
+        with torch.no_grad():
+            corrupt(qdq)
+        return qdq
+
+    monkeypatch.setattr(export_module, "to_qdq", damaged)
+
+
+def test_a_correct_int8_export_is_within_a_step_or_two(trained_qat, data, tmp_path):
+    report = sgs_fx.export_onnx(trained_qat, tmp_path / "int8.onnx", data[2][:1], check_input=data[2])
+    assert report.passed and report.agreement_meaningful and report.output_step is not None
+    assert report.max_output_diff <= 2 * report.step + 1e-6  # onnxruntime requantises: a step at a tie
+    with torch.no_grad():
+        assert (sgs_fx.freeze(sgs_fx.strip(trained_qat)).eval()(data[2]).argmax(1) == data[3]).float().mean() > 0.5
+    assert "quantization steps of the output" in str(report)
+
+
+def test_int8_export_with_negated_weights_fails_though_top1_agrees(trained_qat, data, tmp_path, monkeypatch):
+    # the second conv's int8 weights negated in the written graph: the check must fail, whatever top-1 does
+    second = lambda qdq: [m for m in qdq.modules() if isinstance(m, QDQConv)][1]  # noqa: E731
+    _corrupting(monkeypatch, lambda qdq: second(qdq).weight_int8.neg_())
+    with pytest.raises(sgs_fx.ExportMismatchError, match="quantization steps") as info:
+        sgs_fx.export_onnx(trained_qat, tmp_path / "bad.onnx", data[2][:1], check_input=data[2])
+    assert info.value.report.max_output_diff > 10 * info.value.report.output_allowance
+
+
+class OneOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_int8_export_of_a_one_output_model_with_a_shifted_bias_fails(data, tmp_path, monkeypatch):
+    # one output per input: top-1 agreement is always 100 % and says nothing; the outputs must be compared
+    torch.manual_seed(0)
+    x = data[0][:128]
+    ptq = sgs_fx.quantize_ptq(OneOutput(), [x[:64], x[64:]], num_batches=2, progress=False)
+    good = sgs_fx.export_onnx(ptq, tmp_path / "good.onnx", x[:1], check_input=x)
+    assert good.passed and not good.agreement_meaningful and "not meaningful" in str(good)
+    last = lambda qdq: [m for m in qdq.modules() if isinstance(m, QDQLinear)][-1]  # noqa: E731
+    _corrupting(monkeypatch, lambda qdq: last(qdq).bias.add_(5.0))
+    with pytest.raises(sgs_fx.ExportMismatchError, match="quantization steps"):
+        sgs_fx.export_onnx(ptq, tmp_path / "bad.onnx", x[:1], check_input=x)
 
 
 def test_reduce_range_activations_are_clamped_like_pytorch(tmp_path):
@@ -348,11 +404,19 @@ def test_ptq_of_a_two_input_model_calibrates_each_input_on_its_own_data(tmp_path
         assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point), name
     report = sgs_fx.export_onnx(ptq, tmp_path / "pair.onnx", (before[:1], after[:1]), check_input=(before, after))
     assert report.quantized and report.passed and report.ort_ops.get("QLinearConv", 0) == 2
-    # scored against PyTorch's own top-1, onnxruntime's accuracy on the pairs is the report's agreement
-    with torch.no_grad():
-        labels = ptq(before, after).argmax(1)
+    # onnx_accuracy feeds each batch's inputs in the file's input order: against labels of its own, it equals a
+    # hand-run onnxruntime session fed by input name (and the inputs swapped would score differently)
+    import onnxruntime as ort
+
+    labels = torch.randint(0, 2, (64,), generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    logits = session.run(None, {names[0]: before.numpy(), names[1]: after.numpy()})[0]
+    by_hand = float((torch.from_numpy(logits).argmax(1) == labels).float().mean())
     pairs = [((before[:40], after[:40]), labels[:40]), ((before[40:], after[40:]), labels[40:])]
-    assert onnx_accuracy(report.path, pairs) == report.agreement
+    assert onnx_accuracy(report.path, pairs) == pytest.approx(by_hand, abs=1e-12)
+    swapped = session.run(None, {names[0]: after.numpy(), names[1]: before.numpy()})[0]
+    assert not (swapped.argmax(1) == logits.argmax(1)).all()
     with pytest.raises(ValueError, match="takes 2 input.*gave 1"):
         onnx_accuracy(report.path, [(before, labels)])
 
