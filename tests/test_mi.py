@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sgs_fx
+from helpers import Conv2dSame
 from mi_reference import reference_scale
 from sgs_fx.scaling.mi import ConvGeometry, PairStats
 
@@ -164,3 +165,35 @@ def test_pixels_binned_once_give_the_same_histograms_as_binning_per_displacement
             stats.observe_hist(x)
             hists.append(stats.hist)
         assert torch.equal(hists[0], hists[1])
+
+
+def _same_padded(x, kernel, stride):
+    """x padded as a TF-style 'SAME' conv pads it in its forward (extra pixel at the end)."""
+    import math
+
+    ih, iw = x.shape[-2:]
+    ph = max((math.ceil(ih / stride) - 1) * stride + kernel - ih, 0)
+    pw = max((math.ceil(iw / stride) - 1) * stride + kernel - iw, 0)
+    return torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+def _timm_same(stride):
+    timm = pytest.importorskip("timm")
+    return timm.layers.Conv2dSame(3, 4, 3, stride=stride)
+
+
+@pytest.mark.parametrize("make, reference", [
+    (lambda: Conv2dSame(3, 4, 3), lambda x: sgs_fx.dependence(_same_padded(x, 3, 1), nn.Conv2d(3, 4, 3))),
+    (lambda: Conv2dSame(3, 4, 3, stride=2), lambda x: sgs_fx.dependence(_same_padded(x, 3, 2), nn.Conv2d(3, 4, 3, stride=2))),
+    (lambda: _timm_same(2), lambda x: sgs_fx.dependence(_same_padded(x, 3, 2), nn.Conv2d(3, 4, 3, stride=2))),
+    (lambda: nn.Conv2d(3, 4, 3, padding="same"), lambda x: sgs_fx.dependence(x, nn.Conv2d(3, 4, 3, padding=1))),
+    (lambda: nn.Conv2d(3, 4, 4, padding="same"), lambda x: sgs_fx.dependence(_same_padded(x, 4, 1), nn.Conv2d(3, 4, 4))),
+], ids=["same_pad_in_forward", "same_pad_in_forward_strided", "timm_Conv2dSame", "padding_same", "padding_same_even"])
+def test_mi_sees_the_map_the_conv_convolves(make, reference):
+    # a conv that pads inside its own forward (timm's Conv2dSame) convolves a padded map: S comes from that map,
+    # as from the same conv with explicit padding (it came from the unpadded input before)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16).abs()  # non-negative: the zero border is a distinct value
+    model = sgs_fx.transform(nn.Sequential(make()), filter_fn=lambda n, m: True)
+    got = sgs_fx.MIScheduler(model, [x], batches=1, warmup=0).calibrate()["0"]
+    assert torch.equal(got.float(), reference(x).float())

@@ -103,17 +103,43 @@ def strip_functional(model: nn.Module) -> None:
 
 
 class ObserveFunctionalConvs(TorchFunctionMode):
-    """During calibration: pass the input of every conv call whose weight is a hooked parameter to its observer."""
+    """During calibration: pass the input of every conv call whose weight is a hooked parameter to its observer,
+    and the input of the first conv op inside the forward of each conv module on ``inside`` (its stack of
+    ``[observer, seen]`` entries: see ``observe_conv_ops``)."""
 
-    def __init__(self, observers: dict):
+    def __init__(self, observers: dict, inside: list | None = None):
         super().__init__()
         self.observers = observers  # id(parameter) -> (parameter, observer)
+        self.inside = inside if inside is not None else []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _CONVS:
+            x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             entry = self.observers.get(id(weight))
             if entry is not None and entry[0] is weight:
-                entry[1](args[0] if args else kwargs["input"])
+                entry[1](x)
+            elif self.inside and not self.inside[-1][1]:
+                self.inside[-1][0](x)  # the map that conv module's own forward convolves (padded there, maybe)
+                self.inside[-1][1] = True
         return func(*args, **kwargs)
+
+
+def observe_conv_ops(modules: dict, observers: dict, inside: list) -> list:
+    """Hooks that make each module in ``modules`` (name -> conv with a forward of its own) report, through
+    ``ObserveFunctionalConvs(..., inside)``, the input of the conv op its forward calls — timm's ``Conv2dSame`` pads
+    its input there and convolves with padding 0 — or, if its forward calls none, its own input."""
+    handles = []
+    for name, m in modules.items():
+        def enter(mod, args, fn=observers[name]):
+            inside.append([fn, False, args[0] if args else None])
+
+        def leave(mod, args, out):
+            fn, seen, x = inside.pop()
+            if not seen and x is not None:
+                fn(x)
+
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave, always_call=True))
+    return handles

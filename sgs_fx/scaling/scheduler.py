@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ..batches import call, first_input, to_model
 from ..ops import is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
-from ..passes.functional import ObserveFunctionalConvs
+from ..ops import _SGSOwnForwardMixin
+from ..passes.functional import ObserveFunctionalConvs, observe_conv_ops
 from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, _check_hyper
 
@@ -175,9 +176,14 @@ class MIScheduler:
         return kept
 
     def _run(self, root, convs, inputs, observers, desc, after_batch=None):
-        # a conv module's input is its first argument; an SGS graph node gets (weight, input)
+        # A conv with torch's forward convolves its input, padded as its geometry says (the estimator pads it the
+        # same way); an SGS graph node gets (weight, input). A conv with a forward of its own may pad inside it
+        # (timm's Conv2dSame): the map its conv op receives is observed instead (spec §3.1: the map convolved).
+        own = {n: m for n, m in convs.items() if isinstance(m, _SGSOwnForwardMixin)}
         handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[getattr(mod, "mi_input", 0)]))
-                   for n, m in convs.items()]
+                   for n, m in convs.items() if n not in own]
+        inside: list = []
+        handles += observe_conv_ops(own, observers, inside)
         # F.conv*d calls of ordinary modules: no module is called, a torch function mode sees the calls
         functional = {id(m._sgs_param): (m._sgs_param, observers[n]) for n, m in convs.items()
                       if m.__dict__.get("_sgs_functional")}
@@ -185,7 +191,7 @@ class MIScheduler:
             from tqdm.auto import tqdm
 
             show = self.progress and (not dist.is_initialized() or dist.get_rank() == 0)
-            with ObserveFunctionalConvs(functional) if functional else contextlib.nullcontext():
+            with ObserveFunctionalConvs(functional, inside) if functional or own else contextlib.nullcontext():
                 for i, x in enumerate(tqdm(inputs, desc=desc, disable=not show, leave=False)):
                     call(root, x)
                     if after_batch is not None:
