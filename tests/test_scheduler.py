@@ -282,3 +282,31 @@ def test_one_forward_with_kept_inputs_equals_two_streaming_forwards(make):
     budget = sgs_fx.MIScheduler(model, data, batches=3, keep_bytes=1).calibrate()  # too small: falls back
     for name in kept:
         assert torch.equal(kept[name], streamed[name]) and torch.equal(kept[name], budget[name])
+
+
+class _BNDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.drop(torch.relu(self.bn(self.c1(x)))))
+
+
+def test_calibrating_a_train_mode_export_changes_nothing_and_is_deterministic():
+    # eval() does not reach a torch.export graph exported in train mode: its BatchNorm would move its running
+    # statistics and its dropout draw random masks during calibration
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    sgs = sgs_fx.transform(torch.export.export(_BNDropout().train(), (x,)).module())
+    before = {k: v.clone() for k, v in sgs.state_dict().items()}
+    rng = torch.get_rng_state()
+    first = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
+    assert all(torch.equal(v, sgs.state_dict()[k]) for k, v in before.items())  # BatchNorm statistics untouched
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream is not advanced either
+    again = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(s, torch.ones_like(s)) for s in first.values())

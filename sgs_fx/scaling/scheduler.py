@@ -218,15 +218,30 @@ class MIScheduler:
 
 @contextmanager
 def _eval_no_grad(model: nn.Module):
+    """Eval mode and no_grad for the calibration forwards, which leave no trace on the model or the RNG.
+
+    A ``torch.export`` module keeps the mode it was exported in (``eval()`` does not reach its graph): exported in
+    train mode, its BatchNorm would update its running statistics and its dropout draw random masks. So every
+    buffer is restored afterwards (BatchNorm statistics, fake-quant ranges; S is written after this), and the
+    forwards run on a forked RNG with a fixed seed: the same data always gives the same S.
+    """
     modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode, not just the root's
     try:
         model.eval()
     except (NotImplementedError, RuntimeError):
         pass  # torch.export's modules keep the mode they were exported in
+    saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    devices = sorted({b.device.index or 0 for b, _ in saved if b.device.type == "cuda"}) or \
+        sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
             yield
     finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if b.shape == value.shape:
+                    b.copy_(value)
         for m, training in modes.items():
             m.training = training
 
