@@ -181,8 +181,8 @@ class Computed(nn.Module):
 def test_computed_weights_are_named_in_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="sgs_fx"):
         sgs = sgs_fx.transform(fx.symbolic_trace(Computed()))
-    assert "1 conv node(s) whose weight is not a parameter are not instrumented" in caplog.text
-    assert "computed by" in caplog.text and list(sgs_fx.instrumented(sgs)) == ["conv"]
+    assert "1 conv call(s) with a computed kernel" in caplog.text and "computed by mul(base, gate)" in caplog.text
+    assert "base is not instrumented: no S on this use" in caplog.text and list(sgs_fx.instrumented(sgs)) == ["conv"]
 
 
 def test_graph_without_selected_conv_nodes_and_branch_mode_are_clear_errors():

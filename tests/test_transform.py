@@ -287,3 +287,54 @@ def test_a_model_whose_only_convs_are_F_conv_calls_is_instrumented():
     assert torch.equal(sgs.k2.grad, scales["sgs_k2"] * model.k2.grad)
     with pytest.raises(ValueError, match=r"makes 2 F.conv call\(s\) \(k1, k2\) but none is selected"):
         sgs_fx.transform(OnlyFunctionalConvs(k=1), filter_fn=None)
+
+
+class ConvWeightUsedTransposed(nn.Module):
+    """A conv module whose weight a second, functional conv uses transposed (a computed kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(self.conv(x)), self.conv.weight.transpose(2, 3), padding=1)
+
+
+class FlippedKernel(nn.Module):
+    """A conv module, and an F.conv2d call whose kernel is a flipped parameter of the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.k = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(torch.relu(self.conv(x)), self.k.flip(-1), padding=1)
+
+
+@pytest.mark.parametrize("route", ["module", "fx_graph"])
+@pytest.mark.parametrize("scaling", ["step", "hook"])
+def test_a_computed_kernel_gets_one_semantic_on_every_route(route, scaling, caplog):
+    # one S per Parameter: a conv weight also used transposed is scaled as a whole (S ⊙ (G1 + G2)); a computed
+    # kernel of a parameter no conv owns has no S. Both routes say exactly that.
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for make, param, says, scaled_as_a_whole in (
+            (ConvWeightUsedTransposed, "conv.weight", "conv.weight is scaled as a whole by the S of conv", True),
+            (FlippedKernel, "k", "k is not instrumented: no S on this use", False)):
+        torch.manual_seed(0)
+        plain = make().double()
+        source = torch.fx.symbolic_trace(plain) if route == "fx_graph" else plain
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+            sgs = sgs_fx.transform(source, scaling=scaling)
+        assert "1 conv call(s) with a computed kernel" in caplog.text and says in caplog.text
+        assert "transpose(conv_weight" in caplog.text or "flip(k" in caplog.text
+        sgs_fx.set_scales(sgs, {"conv": torch.rand(3, 3, dtype=torch.float64) + 0.5})
+        s = sgs_fx.get_scales(sgs)["conv"]
+        grads = []
+        for m in (plain, sgs):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+            torch.optim.SGD(m.parameters(), lr=0.0).step()
+            grads.append(dict(m.named_parameters())[param].grad)
+        assert torch.equal(grads[1], s * grads[0] if scaled_as_a_whole else grads[0])

@@ -70,9 +70,46 @@ def _source_parameter(gm: fx.GraphModule, weight: fx.Node) -> tuple[str | None, 
                           ("fake_quantize", "fused_moving_avg_obs_fake_quant", "_to_copy", "alias", "clone",
                            "detach"))))
         if not shape_kept or not inputs:
-            return None, f"computed by {node.format_node()}"
+            what = getattr(node.target, "__name__", node.target) if node.op != "call_module" else node.target
+            return None, f"computed by {what}({', '.join(a.name for a in inputs)})"
         node = inputs[0]
     return None, "reached through too many nodes"
+
+
+def computed_kernel_calls(graph: fx.Graph, root: nn.Module) -> list[tuple[str, list[str]]]:
+    """Conv calls of ``graph`` (traced from ``root``) whose kernel is computed — transposed, flipped, generated — and
+    not a parameter's fixed taps: (the call, described; the parameters it is computed from)."""
+    out = []
+    for node in graph.nodes:
+        if not is_conv_node(node) or conv_args(node) is None:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if not isinstance(weight, fx.Node) or (weight.op == "call_module" and
+                                               isinstance(root.get_submodule(weight.target), SGSGraphWeight)):
+            continue
+        name, why = _source_parameter(root, weight)
+        if name is None and not why.endswith("not a parameter)"):
+            out.append((f"{node.name} (kernel {why})", _upstream_parameters(root, weight)))
+    return out
+
+
+def _upstream_parameters(root: nn.Module, node: fx.Node, depth: int = 16) -> list[str]:
+    found, frontier, seen = [], [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                try:
+                    root.get_parameter(n.target)
+                    found.append(n.target)
+                except AttributeError:
+                    pass
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return list(dict.fromkeys(found))
 
 
 def _is_fake_quant(m: nn.Module) -> bool:
@@ -89,7 +126,7 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
     if holder is None:
         holder = nn.Module()
         gm.add_submodule(SUBMODULE, holder)
-    names, refused = [], []
+    names = []
     for node in list(gm.graph.nodes):
         if not is_conv_node(node) or _is_instrumented_edge(gm, node):
             continue
@@ -97,9 +134,8 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         if geometry is None or not isinstance(weight, fx.Node):
             continue
-        param_name, why = _source_parameter(gm, weight)
-        if param_name is None:
-            refused.append(f"{node.name} (weight {why})")
+        param_name, _ = _source_parameter(gm, weight)
+        if param_name is None:  # a computed kernel: transform's warning says what happens to its parameters
             continue
         param = gm.get_parameter(param_name)
         child = param_name.replace(".", "_")
@@ -116,10 +152,6 @@ def instrument_graph(gm: fx.GraphModule, selected, start: int) -> list[str]:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(f"{SUBMODULE}.{child}", (weight, x))
         node.replace_input_with(weight, new)
-    if refused:
-        logger.warning("sgs_fx.transform: %d conv node(s) whose weight is not a parameter are not instrumented "
-                       "(a computed or reshaped kernel has no fixed spatial taps to scale): %s",
-                       len(refused), "; ".join(refused[:5]))
     gm.graph.lint()
     gm.recompile()
     _share_with_conv_modules(gm)
@@ -171,4 +203,4 @@ def graph_conv_count(gm: fx.GraphModule) -> int:
     return sum(is_conv_node(n) for n in gm.graph.nodes)
 
 
-__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "conv_args", "graph_conv_count"]
+__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "conv_args", "graph_conv_count", "computed_kernel_calls"]

@@ -11,12 +11,12 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from ..ops import SCALE_BUFFER, attach_hook, hook_target, is_pruned, scale_dtype, sgs_class_for
+from ..ops import SCALE_BUFFER, _target_of, attach_hook, hook_target, is_pruned, is_sgs_conv, scale_dtype, sgs_class_for
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, copy_model, default_filter, is_deform_conv, is_plain_conv, unwrap
 from .functional import instrument_functional
-from .graph import graph_conv_count, instrument_graph
+from .graph import computed_kernel_calls, graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
 
 __all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_scale"]
@@ -147,6 +147,9 @@ def transform(
             logger.warning("sgs_fx.transform(mode='branches'): %d functional conv call(s) are left plain (branch "
                            "blocks replace conv modules): %s", len(sites.functional), ", ".join(sites.functional[:5]))
 
+    if mode == "sgs":
+        computed = computed_kernel_calls(model.graph, model) if isinstance(model, fx.GraphModule) else sites.computed
+        _warn_computed_kernels(model, computed)
     not_reached = [n for n in candidates if n not in rank] if sites.order else []
     logger.info(
         "sgs_fx.transform: %d conv(s) instrumented in mode %r (%s)%s%s",
@@ -159,6 +162,33 @@ def transform(
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
     return model
+
+
+def _warn_computed_kernels(model: nn.Module, computed: list[tuple[str, list[str]]]) -> None:
+    """One warning that says, for every conv call with a computed kernel, what S does to its gradient: one S per
+    Parameter, so a Parameter that an SGS conv scales as a whole gets that S on this use's gradient too."""
+    if not computed:
+        return
+    whole = {}
+    for name, m in instrumented(model).items():
+        if is_sgs_conv(m) and not m.__dict__.get("_sgs_per_use", False):
+            whole[id(_target_of(m))] = name
+    per_use = {id(_target_of(m)): name for name, m in instrumented(model).items()
+               if is_sgs_conv(m) and m.__dict__.get("_sgs_per_use", False)}
+    lines = []
+    for call, params in computed:
+        parts = []
+        for p in params or ["(no parameter)"]:
+            param = model.get_parameter(p) if params else None
+            if param is not None and id(param) in whole:
+                parts.append(f"{p} is scaled as a whole by the S of {whole[id(param)]}, so this use's gradient is too")
+            elif param is not None and id(param) in per_use:
+                parts.append(f"{p}: {per_use[id(param)]} scales only its own use; this use's gradient is not scaled")
+            else:
+                parts.append(f"{p} is not instrumented: no S on this use")
+        lines.append(f"{call}: {'; '.join(parts)}")
+    logger.warning("sgs_fx.transform: %d conv call(s) with a computed kernel (transposed, flipped, generated: no "
+                   "fixed spatial taps of their own to scale): %s", len(lines), " | ".join(lines[:5]))
 
 
 def _graph_sites(gm: fx.GraphModule) -> CallSites:

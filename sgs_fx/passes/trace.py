@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .graph import conv_args
+from .graph import computed_kernel_calls, conv_args
 from .select import is_deform_conv
 
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -28,6 +28,7 @@ class CallSites:
         order: qualified names of conv modules in the order of their first call.
         functional: ``F.conv*d`` calls whose weight is a parameter, as "owner.param" strings.
         functional_calls: the same calls with their geometry, in call order.
+        computed: conv calls whose kernel is computed from parameters (see ``graph.computed_kernel_calls``).
         error: why tracing failed, if it did.
     """
 
@@ -35,6 +36,7 @@ class CallSites:
     order: list[str] = field(default_factory=list)
     functional: list[str] = field(default_factory=list)
     functional_calls: list[tuple[str, dict]] = field(default_factory=list)  # (parameter, stride/padding/...)
+    computed: list[tuple[str, list[str]]] = field(default_factory=list)  # conv calls with a computed kernel
     error: str | None = None
 
 
@@ -68,6 +70,7 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 sites.functional.append(weight.target)
                 sites.functional_calls.append((weight.target, conv_args(node)))
+    sites.computed = computed_kernel_calls(graph, model)
     return sites
 
 
