@@ -101,3 +101,34 @@ class TiedConvs(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+
+
+class gloo_group:
+    """A 2-rank gloo process group for one ``mp.spawn`` worker, torn down cleanly even when the worker fails.
+
+    A loaded CI machine slows ranks unevenly: the generous timeout waits for the slower rank, and the barrier
+    before ``destroy_process_group`` keeps a rank from exiting (and tearing gloo's threads down, SIGABRT) while the
+    other is still talking to it.
+    """
+
+    def __init__(self, rank: int, world: int, init_file: str, timeout_s: float = 600):
+        self.rank, self.world, self.init_file, self.timeout_s = rank, world, init_file, timeout_s
+
+    def __enter__(self):
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{self.init_file}", rank=self.rank, world_size=self.world,
+                                timeout=datetime.timedelta(seconds=self.timeout_s))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import torch.distributed as dist
+
+        try:
+            if exc_type is None:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        return False

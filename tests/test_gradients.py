@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sgs_fx
-from helpers import TinyNet, random_scales
+from helpers import TinyNet, gloo_group, random_scales
 
 
 def _grads(model, x, loss_fn=lambda y: (y ** 2).sum(), call=None):
@@ -143,23 +143,22 @@ def test_autocast_and_grad_scaler():
 
 
 def _ddp_worker(rank, world, path, result_path, scaling):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = sgs_fx.transform(TinyNet().double(), scaling=scaling).eval()  # BN statistics would differ per shard
-    torch.manual_seed(1)
-    sgs_fx.set_scales(model, random_scales(model))
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.0)  # lr 0: the weights stay as they are; "step": S applied
-    torch.manual_seed(2)
-    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    ddp(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
-    opt.step()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-    gathered = [torch.empty_like(grads) for _ in range(world)]
-    dist.all_gather(gathered, grads)
-    if rank == 0:
-        torch.save(gathered, result_path)
-    dist.destroy_process_group()
+    with gloo_group(rank, world, path):
+        torch.manual_seed(0)
+        model = sgs_fx.transform(TinyNet().double(), scaling=scaling).eval()  # BN statistics would differ per shard
+        torch.manual_seed(1)
+        sgs_fx.set_scales(model, random_scales(model))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)  # lr 0: the weights stay as they are; "step": S applied
+        torch.manual_seed(2)
+        x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+        ddp(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
+        opt.step()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(gathered, grads)
+        if rank == 0:
+            torch.save(gathered, result_path)
 
 
 @pytest.mark.parametrize("scaling", ["step", "hook"])

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import Dynamic
+from helpers import Dynamic, gloo_group
 from mi_reference import reference_scale
 
 
@@ -131,15 +131,14 @@ def test_bad_input():
 
 
 def _ddp_worker(rank, world, init, out):
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    model = nn.parallel.DistributedDataParallel(sgs_fx.transform(small_net()))
-    for zr in (False, True):
-        # rank 1 streams (keep_bytes=0), rank 0 would keep its inputs: the ranks agree on one way
-        sched = sgs_fx.MIScheduler(model, loader(seed=rank), batches=2, zero_removal=zr,
-                                   keep_bytes=0 if rank == 1 else 2**29)
-        scales = sched.calibrate()
-        torch.save(scales, f"{out}.{zr}.{rank}")
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init):
+        model = nn.parallel.DistributedDataParallel(sgs_fx.transform(small_net()))
+        for zr in (False, True):
+            # rank 1 streams (keep_bytes=0), rank 0 would keep its inputs: the ranks agree on one way
+            sched = sgs_fx.MIScheduler(model, loader(seed=rank), batches=2, zero_removal=zr,
+                                       keep_bytes=0 if rank == 1 else 2**29)
+            scales = sched.calibrate()
+            torch.save(scales, f"{out}.{zr}.{rank}")
 
 
 def test_ddp_two_gloo_processes_equal_union():

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import TiedConvs, TinyNet, random_scales
+from helpers import TiedConvs, TinyNet, gloo_group, random_scales
 from test_wrappers import (X, _assign, _load_swapped, _pickle, _set_attribute, _to_float32, _to_swapped,
                            _weight_normed, assert_equal_grads, net, same_net, scaled, scaled_grads)
 
@@ -537,8 +537,7 @@ def _fsdp_input():
 
 
 def _fsdp2_worker(rank, world, init, out, reshard_after_backward):
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init):
         from torch.distributed.fsdp import fully_shard
 
         model = sgs_fx.transform(net())
@@ -556,9 +555,6 @@ def _fsdp2_worker(rank, world, init, out, reshard_after_backward):
         full = {n: p.grad.full_tensor() for n, p in zip(names, sharded)}  # (the module may hold unsharded ones now)
         if rank == 0:
             torch.save(full, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("reshard_after_backward", [True, False], ids=["resharded", "unsharded_at_step"])

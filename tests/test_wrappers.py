@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import Conv2dSame, TiedConvs
+from helpers import Conv2dSame, TiedConvs, gloo_group
 
 
 def net():
@@ -220,22 +220,21 @@ def test_tied_weight_is_scaled_per_use(caplog):
 
 
 def _fsdp2_worker(rank, world, init, out):
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    from torch.distributed.fsdp import fully_shard
+    with gloo_group(rank, world, init):
+        from torch.distributed.fsdp import fully_shard
 
-    model = sgs_fx.transform(net(), scaling="hook")  # (a spawned process: the fixture's default is not here)
-    scaled(model)
-    for m in model:
-        if isinstance(m, nn.Conv2d):
-            fully_shard(m)
-    fully_shard(model)
-    x = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    for _ in range(2):  # gradient accumulation across two backward passes
-        model(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
-    full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-    if rank == 0:
-        torch.save(full, out)
-    dist.destroy_process_group()
+        model = sgs_fx.transform(net(), scaling="hook")  # (a spawned process: the fixture's default is not here)
+        scaled(model)
+        for m in model:
+            if isinstance(m, nn.Conv2d):
+                fully_shard(m)
+        fully_shard(model)
+        x = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        for _ in range(2):  # gradient accumulation across two backward passes
+            model(x[rank * 2:(rank + 1) * 2]).pow(2).sum().backward()
+        full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(full, out)
 
 
 @pytest.mark.hook_only  # scaling="step" under FSDP2: test_step.py
