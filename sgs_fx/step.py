@@ -69,7 +69,9 @@ def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
     found = []
     for group in opt.param_groups:
         for p in group["params"]:
-            if not p.__dict__.get(optimizers.STEP_MARK, False):
+            # by identity, not by the mark on p: torch.utils.swap_tensors (to() under swapped tensors) swaps the
+            # Parameters' __dict__ too, and an F.conv call's S holder cannot re-mark its owner's parameter then
+            if id(p) not in _OWNERS and id(p) not in _SHARDED_OWNERS:
                 continue
             conv = _owner(p)
             if conv is not None and scales_at_step(conv):

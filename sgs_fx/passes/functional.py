@@ -28,12 +28,20 @@ PREFIX = "sgs_"
 def _check_hooks(owner: nn.Module, args) -> None:
     """Forward pre-hook of an owner: its SGS weights sit on its current Parameters (module-level: picklable)."""
     if _tracing():
+        for mod, param in _holders_and_params(owner):
+            if mod.__dict__.get("_sgs_swapped", False):
+                # after to() with swapped tensors the hook is gone, and a traced forward cannot re-attach it
+                raise RuntimeError(
+                    f"sgs_fx: the gradient hook of {type(owner).__name__}'s F.conv kernel was dropped by a tensor swap "
+                    "(to() or load_state_dict under torch.__future__.set_swap_module_params_on_conversion); run "
+                    "one eager forward before the compiled one, or transform with scaling='step' (the default)")
         return
     for mod, param in _holders_and_params(owner):
         # same object, other C++ tensor: torch.utils.swap_tensors (to() / load_state_dict under
         # torch.__future__.set_swap_module_params_on_conversion) dropped the hook
         if not (_attached_for(mod, param) and mod.__dict__["_sgs_hook"].impl == param._cdata):
             mod.attach(param)
+        mod.__dict__.pop("_sgs_swapped", None)
 
 
 def _reattach_after_load(owner: nn.Module, incompatible_keys) -> None:
@@ -51,7 +59,7 @@ def _holders_and_params(owner: nn.Module):
             yield owner._modules[child], param
 
 
-def instrument_functional(model: nn.Module, sites, selected, start: int) -> list[str]:
+def instrument_functional(model: nn.Module, sites, selected, start: int, at_step: bool = False) -> list[str]:
     """Hook every selected parameter that ``F.conv*d`` calls use as their weight; returns the new names."""
     names = []
     # A parameter already scaled by an SGS conv (or an earlier call under another name) keeps that one hook:
@@ -75,6 +83,8 @@ def instrument_functional(model: nn.Module, sites, selected, start: int) -> list
         owner.add_module(child, mod)
         mod._sgs_order = start + len(names)
         mod.__dict__["_sgs_functional"] = True
+        if at_step:  # scaling="step": the optimizer's step scales the parameter, which no wrapper can unhook
+            mod.__dict__["_sgs_step"] = True
         mod.attach(param)
         if not owner.__dict__.get("_sgs_functional_children"):
             owner.__dict__["_sgs_hook_id"] = owner.register_forward_pre_hook(_check_hooks).id

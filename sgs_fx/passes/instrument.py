@@ -128,7 +128,8 @@ def transform(
         for i, name in enumerate(candidates):
             _instrument_sgs(modules[name], order=start + i, per_use=name in tied, at_step=scaling == "step")
         if sites.functional_calls:
-            candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates))
+            candidates += instrument_functional(model, sites.functional_calls, selected, start=start + len(candidates),
+                                                at_step=scaling == "step")
             if not candidates and not already and not conv_nodes:
                 raise ValueError(
                     f"sgs_fx.transform: {type(model).__name__} makes {len(sites.functional_calls)} F.conv call(s) "
