@@ -36,8 +36,9 @@ def _random_scales(model, seed=1):
     return sgs_fx.get_scales(model)
 
 
-def check_graph_model(gm, x):
-    """Every claim of the issue on one graph: identity, names, exact gradients, MI, strip."""
+def check_graph_model(gm, x, model=None):
+    """Every claim of the issue on one graph: identity, names, exact gradients, MI, strip. ``model``: the module the
+    graph was made from; its conv modules then give the S every conv node must get (same inputs, same S)."""
     sgs = sgs_fx.transform(gm)
     selected = [n for n in sgs.graph.nodes if is_conv_node(n) and n.args[1].op == "call_module"]
     assert selected and all(isinstance(sgs.get_submodule(n.args[1].target), SGSGraphWeight) for n in selected)
@@ -57,6 +58,12 @@ def check_graph_model(gm, x):
         assert torch.equal(p.grad, expected), name
     got = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
     assert set(got) == set(scales) and all(torch.isfinite(s).all() for s in got.values())
+    if model is not None:  # the conv modules of the model, calibrated on the same input, give the same S
+        by_module = sgs_fx.MIScheduler(sgs_fx.transform(model), [x], batches=1).calibrate()
+        for key, s in got.items():
+            conv = owner[key].rsplit(".", 1)[0]
+            torch.testing.assert_close(s, by_module[conv], rtol=0, atol=1e-12, msg=key)
+        assert not all(torch.equal(s, torch.ones_like(s)) for s in got.values())
     stripped = sgs_fx.strip(sgs)
     assert not any(isinstance(m, SGSGraphWeight) for m in stripped.modules())
     assert stripped.state_dict().keys() == gm.state_dict().keys() and torch.equal(stripped(x), gm(x))
@@ -67,7 +74,7 @@ def test_exported_resnet18_conv_nodes():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=5).double().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    sgs = check_graph_model(exported(model, x), x)
+    sgs = check_graph_model(exported(model, x), x, model)
     assert len(sgs_fx.instrumented(sgs)) == 17  # every conv whose kernel dims are all > 1
     assert list(sgs_fx.instrumented(sgs))[0] == "sgs.conv1_weight"
 
@@ -78,7 +85,7 @@ def test_inlined_fx_graph_and_onnx_export_of_the_stripped_graph(tmp_path):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     gm = inlined(model)
     assert not any(isinstance(m, nn.Conv2d) for m in gm.modules() if m is not gm)
-    sgs = check_graph_model(gm, x)
+    sgs = check_graph_model(gm, x, model)
     report = sgs_fx.export_onnx(sgs_fx.strip(sgs).float(), tmp_path / "g.onnx", x[:1].float())
     assert report.passed
 
@@ -202,7 +209,7 @@ def test_torchvision_graphs(name, how):
     model = getattr(torchvision.models, name)(num_classes=5).double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     gm = exported(model, x) if how == "exported" else inlined(model)
-    check_graph_model(gm, x)
+    check_graph_model(gm, x, model)
 
 
 class DeformNet(nn.Module):
