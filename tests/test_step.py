@@ -593,21 +593,31 @@ def test_mi_scheduler_calibrates_a_step_model():
     assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(plain_grads(net(), X), scales))
 
 
-def test_a_gradient_sharded_along_a_kernel_dim_is_refused():
-    from torch.distributed.tensor import Replicate, Shard
+def _spatially_sharded_worker(rank, world, init, out):
+    with gloo_group(rank, world, init):
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
 
-    from sgs_fx.step import _check_placements
+        torch.manual_seed(0)
+        model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 4, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 2)).double())
+        fully_shard(model, shard_placement_fn=lambda p: Shard(2) if p.dim() == 4 else None)  # along kernel rows
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model(torch.randn(2, 3, 9, 9, dtype=torch.float64)).pow(2).sum().backward()
+        try:
+            opt.step()
+            said = "the step applied S to spatial shards"
+        except ValueError as exc:
+            said = str(exc)
+        if rank == 0:
+            with open(out, "w") as f:
+                f.write(said)
 
-    class Grad:  # what _check_placements reads of a DTensor gradient
-        def __init__(self, *placements):
-            self.placements = placements
 
-        def dim(self):
-            return 4
-
-    conv = nn.Conv2d(2, 2, 3)
-    for ok in [(Shard(0),), (Shard(1), Replicate()), (Replicate(),)]:
-        _check_placements(Grad(*ok), conv)
-    for bad in [(Shard(2),), (Replicate(), Shard(-1))]:
-        with pytest.raises(ValueError, match="spatial kernel dim"):
-            _check_placements(Grad(*bad), conv)
+def test_a_gradient_sharded_along_a_kernel_dim_is_refused_by_a_real_fsdp2_step():
+    # S is spatial: a shard of kernel rows would need its own slice of S; FSDP2 sharding along dim 2 is refused
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "said")
+        mp.spawn(_spatially_sharded_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        with open(out) as f:
+            said = f.read()
+    assert "sharded along a spatial kernel dim (S(2))" in said and "dim 0" in said
