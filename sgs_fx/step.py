@@ -77,6 +77,7 @@ def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
             if conv is not None and scales_at_step(conv):
                 found.append((p, conv))
     _CACHE[opt] = (sig, found)
+    optimizers.warn_if_adaptive(opt)  # (once per optimizer; checked when its weights are listed)
     return found
 
 
@@ -98,47 +99,52 @@ def _full_scale(conv: nn.Module, g: Tensor) -> Tensor:
     its fused path (one kernel for every conv on a GPU; broadcasting would cost one op per conv). Its memory is
     that of the conv's weight."""
     s = conv._buffers[SCALE_BUFFER]
-    if torch.compiler.is_compiling():  # a compiled step fuses the broadcast into the multiply (or the update)
-        return s
     cached = conv.__dict__.get("_sgs_full")
-    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape \
-            and cached[2].device == g.device:
+    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape:
         return cached[2]
-    full = s.expand(g.shape).contiguous() if s.device == g.device else s.to(g.device).expand(g.shape).contiguous()
+    full = s.to(g.device).expand(g.shape).contiguous()
     conv.__dict__["_sgs_full"] = (s, s._version, full)
     return full
 
 
-def _scale(pairs, skip: set[int]) -> set[int]:
-    """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled."""
+def _scale(pairs, skip) -> set[int]:
+    """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled.
+
+    Runs at every optimizer step, right after a backward pass has evicted the interpreter's caches: kept to the
+    few attribute reads each conv needs (and no grad-mode switch: a ``.grad`` needs none to be multiplied).
+    """
     grads: list[Tensor] = []
     scales: list[Tensor] = []
     scaled: set[int] = set()
     prescaled = _PRESCALED_ANY[0]
-    with torch.no_grad():
-        for p, conv in pairs:
-            g = p.grad
-            if g is None:
-                continue
-            if is_dtensor(g):  # FSDP2: S multiplies each rank's shard of the output or input channels
-                _check_placements(g, conv)
-                g = _local(g)
-            key = id(g)
-            if key in skip or key in scaled:
-                continue
-            if prescaled:
-                mark = g.__dict__.pop(_PRESCALED, None)
-                if mark is not None:
-                    if mark == g._version:
-                        continue  # sgs_fx.scale_gradients applied S already
-                    warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
-                                  "the step scales the sum again. Call scale_gradients right before the update",
-                                  stacklevel=4)
-            grads.append(g)
-            scales.append(_full_scale(conv, g))
-            scaled.add(key)
-            conv.__dict__["_sgs_hook"].scaled = True
-        if grads:
+    compiling = torch.compiler.is_compiling()  # a compiled step fuses the broadcast: no materialised copy there
+    for p, conv in pairs:
+        g = p.grad
+        if g is None:
+            continue
+        if type(g) is not Tensor and is_dtensor(g):  # FSDP2: S multiplies each rank's shard
+            _check_placements(g, conv)
+            g = _local(g)
+        key = id(g)
+        if key in scaled or (skip and key in skip):
+            continue
+        if prescaled:
+            mark = g.__dict__.pop(_PRESCALED, None)
+            if mark is not None:
+                if mark == g._version:
+                    continue  # sgs_fx.scale_gradients applied S already
+                warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
+                              "the step scales the sum again. Call scale_gradients right before the update",
+                              stacklevel=4)
+        grads.append(g)
+        scales.append(conv._buffers[SCALE_BUFFER] if compiling else _full_scale(conv, g))
+        scaled.add(key)
+        conv.__dict__["_sgs_hook"].scaled = True
+    if grads:
+        if any(g.requires_grad for g in grads):  # a backward with create_graph=True: not part of the graph
+            with torch.no_grad():
+                torch._foreach_mul_(grads, scales)
+        else:
             torch._foreach_mul_(grads, scales)  # in place: a half-precision gradient is rounded once
     return scaled
 
@@ -159,7 +165,6 @@ _NOTHING: frozenset = frozenset()
 def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     if not optimizers.any_marked():
         return None
-    optimizers.warn_if_adaptive(opt)
     pairs = _step_convs(opt)
     if _ACTIVE and _ACTIVE[-1][0]() is opt:  # left behind by a step of this optimizer that raised
         _ACTIVE.clear()
