@@ -117,7 +117,7 @@ def test_lightning_bf16_resume_from_a_checkpoint_ends_identical(tmp_path):
 
     whole, cb = fit(2)
     fit(1, ckpt_dir=tmp_path)
-    resumed, cb_resumed = fit(2, ckpt_dir=tmp_path / "again", ckpt_path=str(tmp_path / "last.ckpt"))
+    resumed, cb_resumed = fit(2, ckpt_dir=tmp_path, ckpt_path=str(tmp_path / "last.ckpt"))
     assert_same(weights(resumed.net), weights(whole.net))
     assert cb_resumed.scheduler.last_recompute == cb.scheduler.last_recompute == 0
     assert not all(torch.equal(a, b) for a, b in zip(weights(whole.net).values(), weights(_lit(net()).net).values()))

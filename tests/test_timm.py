@@ -27,6 +27,7 @@ def test_conv_subclasses_keep_their_forward(name, cls_name):
     for m in (model, sgs):
         m.zero_grad()
         m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()  # applies S (scaling='step'); the weights stay
     plain = dict(model.named_parameters())
     for n, p in sgs.named_parameters():
         conv = n.rsplit(".", 1)[0]
