@@ -265,10 +265,11 @@ def _warn_plain_tensor(conv: nn.Module) -> None:
     if not _warned_plain and torch.is_grad_enabled():
         _warned_plain = True
         warnings.warn(
-            f"sgs_fx: {type(conv).__name__} ran with a plain tensor as its weight (torch.func.functional_call or "
-            "similar). Under scaling='step' (the default) S is applied when a torch.optim optimizer steps the "
-            "Parameter, so the gradient torch.func computes here is the unscaled G. For functional training, "
-            "transform with scaling='hook' (S applied to every use in the backward pass).", stacklevel=5)
+            f"sgs_fx: {type(conv).__name__} ran with a plain tensor as its weight (torch.func.functional_call, "
+            "FSDP1's flat parameters or similar). Under scaling='step' (the default) S is applied when a torch.optim "
+            "optimizer steps the Parameter, so a gradient computed for this tensor is the unscaled G. For "
+            "functional training, transform with scaling='hook' (S applied to every use in the backward pass); "
+            "for sharded training use FSDP2 (torch.distributed.fsdp.fully_shard).", stacklevel=5)
 
 
 def _check_update(conv: nn.Module, state: "_HookState", w: Tensor) -> None:
@@ -278,7 +279,7 @@ def _check_update(conv: nn.Module, state: "_HookState", w: Tensor) -> None:
     global _warned_unscaled
     if not torch.is_grad_enabled() or not w.requires_grad or _tracing():
         return
-    if state.version is not None and not state.scaled and not _warned_unscaled and w.grad is not None:
+    if state.version is not None and not state.scaled and not _warned_unscaled:
         _warned_unscaled = True
         warnings.warn(
             f"sgs_fx: the weight of {type(conv).__name__} changed since its last forward, but no torch.optim "

@@ -60,10 +60,11 @@ def any_marked() -> bool:
 
 
 def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
-    if optimizer in _WARNED:
+    """Once per adaptive optimizer that steps SGS weights (checked whenever its list of them is rebuilt)."""
+    if optimizer in _WARNED or not isinstance(optimizer, ADAPTIVE):
         return
-    _WARNED[optimizer] = True
-    if isinstance(optimizer, ADAPTIVE) and any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
+    if any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
+        _WARNED[optimizer] = True
         logger.warning(
             "sgs_fx: %s steps SGS-instrumented weights; SGS is defined for SGD (plain, momentum, Nesterov). "
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",

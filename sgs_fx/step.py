@@ -29,6 +29,7 @@ spatial; shards split the channels).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 import weakref
 
@@ -44,20 +45,26 @@ __all__ = ["scale_gradients"]
 
 logger = logging.getLogger("sgs_fx")
 
-# On a gradient scaled by sgs_fx.scale_gradients: its version counter then, so that the next step leaves it alone
-# (and a gradient accumulated into afterwards is told apart).
+# On a gradient scaled by sgs_fx.scale_gradients: the next step leaves it alone (whatever was done to it in place
+# since: clipping, GradScaler's unscaling), and removes the mark.
 _PRESCALED = "_sgs_prescaled"
 
 # whether sgs_fx.scale_gradients ever ran (until then the step looks for no marks)
 _PRESCALED_ANY = [False]
 # optimizer -> (signature of its param groups and of the set of SGS weights, [(param, conv)])
 _CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
-# the steps in progress, outermost first: (optimizer, ids of the gradients it scaled)
-_ACTIVE: list[tuple["weakref.ref", set[int]]] = []
+# the steps in progress, outermost first: (optimizer, ids of the gradients it scaled, the frame of torch's step
+# wrapper that runs it: an entry whose frame is no longer on the stack was left behind by a step that raised)
+_ACTIVE: list[tuple["weakref.ref", set[int], object]] = []
 
 
 def _signature(opt: torch.optim.Optimizer) -> tuple:
-    return (optimizers.generation(),) + tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
+    """Changes when SGS weights are marked or unmarked, or param groups are added or replaced (O(1): an optimizer
+    with thousands of groups pays no more per step than one with a single group)."""
+    groups = opt.param_groups
+    first, last = (groups[0], groups[-1]) if groups else ({"params": ()}, {"params": ()})
+    return (optimizers.generation(), id(groups), len(groups), id(first["params"]), len(first["params"]),
+            id(last["params"]), len(last["params"]))
 
 
 def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
@@ -128,14 +135,8 @@ def _scale(pairs, skip) -> set[int]:
         key = id(g)
         if key in scaled or (skip and key in skip):
             continue
-        if prescaled:
-            mark = g.__dict__.pop(_PRESCALED, None)
-            if mark is not None:
-                if mark == g._version:
-                    continue  # sgs_fx.scale_gradients applied S already
-                warnings.warn("sgs_fx: a gradient was accumulated into after sgs_fx.scale_gradients scaled it; "
-                              "the step scales the sum again. Call scale_gradients right before the update",
-                              stacklevel=4)
+        if prescaled and g.__dict__.pop(_PRESCALED, None) is not None:
+            continue  # sgs_fx.scale_gradients applied S already (clipped or unscaled since, maybe: in place)
         grads.append(g)
         scales.append(conv._buffers[SCALE_BUFFER] if compiling else _full_scale(conv, g))
         scaled.add(key)
@@ -154,9 +155,19 @@ def _in_outer_step() -> set[int]:
     if len(_ACTIVE) < 2:
         return _NOTHING
     out: set[int] = set()
-    for _, ids in _ACTIVE[:-1]:
+    for _, ids, _frame in _ACTIVE[:-1]:
         out |= ids
     return out
+
+
+def _drop_finished_steps() -> None:
+    """Forget entries of steps that are no longer running (they raised, so no post-hook popped them)."""
+    live = set()
+    frame = sys._getframe(2)
+    while frame is not None:
+        live.add(id(frame))
+        frame = frame.f_back
+    _ACTIVE[:] = [e for e in _ACTIVE if e[2] is None or id(e[2]) in live]  # (None: a compiled step's)
 
 
 _NOTHING: frozenset = frozenset()
@@ -166,11 +177,14 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     if not optimizers.any_marked():
         return None
     pairs = _step_convs(opt)
-    if _ACTIVE and _ACTIVE[-1][0]() is opt:  # left behind by a step of this optimizer that raised
-        _ACTIVE.clear()
-    entry = (weakref.ref(opt), set())
+    compiling = torch.compiler.is_compiling()  # (no frames under torch.compile: it cannot trace sys._getframe)
+    if _ACTIVE and not compiling:  # nested (or left behind by a step that raised: dropped)
+        _drop_finished_steps()
+    # the same optimizer's step already running: a subclass whose step() calls super().step() (both are hooked)
+    again = any(e[0]() is opt for e in _ACTIVE)
+    entry = (weakref.ref(opt), set(), None if compiling else sys._getframe(1))
     _ACTIVE.append(entry)
-    if not pairs:
+    if not pairs or again:
         return None
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
@@ -201,10 +215,15 @@ def scale_gradients(model: nn.Module) -> int:
     """Multiply the ``.grad`` of every conv weight that ``scaling="step"`` scales at the step by its S, now.
 
     For code that reads or applies ``.grad`` before (or without) a torch.optim step: clipping the scaled
-    gradient, a hand-written update, an optimizer outside torch.optim. The next torch.optim step leaves these
-    gradients alone. Convs scaled in the backward pass (``scaling="hook"``, tied weights) need nothing: their
-    ``.grad`` is S ⊙ G already. Returns how many gradients were scaled.
+    gradient, a hand-written update, an optimizer outside torch.optim. Call it after the last backward before
+    the update: the next torch.optim step leaves these gradients alone (also after clipping or unscaling them in
+    place), so what a later backward accumulates into them is not scaled. Convs scaled in the backward pass
+    (``scaling="hook"``, tied weights) need nothing: their ``.grad`` is S ⊙ G already. Returns how many
+    gradients were scaled.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sgs_fx.scale_gradients expects the transformed model (an nn.Module), got "
+                        f"{type(model).__name__}; the step of a torch.optim optimizer applies S by itself")
     pairs = []
     for conv in instrumented(model).values():
         if is_sgs_conv(conv) and scales_at_step(conv):
@@ -217,7 +236,7 @@ def scale_gradients(model: nn.Module) -> int:
         if g is not None:
             g = _local(g) if is_dtensor(g) else g
             if id(g) in scaled:
-                g.__dict__[_PRESCALED] = g._version
+                g.__dict__[_PRESCALED] = True
     return len(scaled)
 
 

@@ -204,10 +204,35 @@ def test_int8_export_of_a_one_output_model_with_a_shifted_bias_fails(data, tmp_p
     x = data[0][:128]
     ptq = sgs_fx.quantize_ptq(OneOutput(), [x[:64], x[64:]], num_batches=2, progress=False)
     good = sgs_fx.export_onnx(ptq, tmp_path / "good.onnx", x[:1], check_input=x)
-    assert good.passed and not good.agreement_meaningful and "not meaningful" in str(good)
+    assert good.passed and not good.agreement_meaningful and "not checked" in str(good)
     last = lambda qdq: [m for m in qdq.modules() if isinstance(m, QDQLinear)][-1]  # noqa: E731
     _corrupting(monkeypatch, lambda qdq: last(qdq).bias.add_(5.0))
     with pytest.raises(sgs_fx.ExportMismatchError, match="quantization steps"):
+        sgs_fx.export_onnx(ptq, tmp_path / "bad.onnx", x[:1], check_input=x)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.cls = nn.Linear(4, 5)
+        self.reg = nn.Linear(4, 2)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        return self.cls(f), self.reg(f)
+
+
+def test_int8_export_checks_every_output(data, tmp_path, monkeypatch):
+    # a corrupted second head (a regression output) must fail the export, however the first output agrees
+    torch.manual_seed(0)
+    x = data[0][:128]
+    ptq = sgs_fx.quantize_ptq(TwoHeads(), [x[:64], x[64:]], num_batches=2, progress=False)
+    good = sgs_fx.export_onnx(ptq, tmp_path / "good.onnx", x[:1], check_input=x)
+    assert good.passed and len(good.output_checks) == 2
+    second = lambda qdq: [m for m in qdq.modules() if isinstance(m, QDQLinear)][-1]  # noqa: E731
+    _corrupting(monkeypatch, lambda qdq: second(qdq).bias.add_(5.0))
+    with pytest.raises(sgs_fx.ExportMismatchError, match="output 1 differs by"):
         sgs_fx.export_onnx(ptq, tmp_path / "bad.onnx", x[:1], check_input=x)
 
 

@@ -205,6 +205,19 @@ def test_an_optimizer_stepping_inside_another_does_not_scale_again():
         assert_equal_grads(step_grads(sgs, wrapped, X), want)
 
 
+def test_an_optimizer_subclass_calling_super_step_scales_once():
+    class MySGD(torch.optim.SGD):
+        def step(self, closure=None):  # torch hooks both this step and SGD's
+            return super().step(closure)
+
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # SGD.step itself is hooked once an SGD exists
+    sgs, _, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
+    opt = MySGD(sgs.parameters(), lr=0.0)
+    for _ in range(2):
+        assert_equal_grads(step_grads(sgs, opt, X), want)
+
+
 def test_a_step_that_raised_does_not_silence_later_steps():
     sgs, opt, scales = stepped()
     want = scaled_grads(plain_grads(net(), X), scales)
@@ -212,11 +225,21 @@ def test_a_step_that_raised_does_not_silence_later_steps():
     def boom():
         raise ZeroDivisionError
 
+    class Raising(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            raise ZeroDivisionError  # after its inner step scaled: its entry is left behind
+
     opt.zero_grad()
     with pytest.raises(ZeroDivisionError):
         opt.step(boom)
+    raising = Raising(sgs.parameters(), lr=0.0)
+    sgs(X).pow(2).sum().backward()
+    with pytest.raises(ZeroDivisionError):
+        raising.step()
     other = torch.optim.SGD(sgs.parameters(), lr=0.0)
-    assert_equal_grads(step_grads(sgs, other, X), want)
+    for _ in range(3):  # every step of another optimizer scales every gradient
+        assert_equal_grads(step_grads(sgs, other, X), want)
     assert_equal_grads(step_grads(sgs, opt, X), want)
 
 
@@ -422,14 +445,20 @@ def test_scale_gradients_applies_S_once_before_the_step():
     assert sgs_fx.scale_gradients(sgs_fx.transform(net(), scaling="hook")) == 0  # hook: .grad is S ⊙ G already
 
 
-def test_accumulating_after_scale_gradients_warns():
+def test_clipping_and_unscaling_after_scale_gradients_do_not_scale_again():
+    # the documented use: clip S ⊙ G (clip_grad_norm_ multiplies in place), or GradScaler's unscale_ first
     sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
     opt.zero_grad()
     sgs(X).pow(2).sum().backward()
     sgs_fx.scale_gradients(sgs)
-    sgs(X).pow(2).sum().backward()
-    with pytest.warns(UserWarning, match="accumulated into after sgs_fx.scale_gradients"):
+    nn.utils.clip_grad_norm_(sgs.parameters(), max_norm=1e9)  # a factor of 1, but an in-place multiply
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt.step()
+    assert_equal_grads(now(sgs), want)
+    with pytest.raises(TypeError, match="expects the transformed model"):
+        sgs_fx.scale_gradients(opt)
 
 
 def test_a_hand_written_update_warns_once_and_names_the_way_out():
@@ -438,10 +467,12 @@ def test_a_hand_written_update_warns_once_and_names_the_way_out():
     with torch.no_grad():
         for p in sgs.parameters():
             p -= 0.1 * p.grad
+    sgs.zero_grad()  # the usual loop: gradients gone before the next forward
     with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
         sgs(X)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        sgs(X).pow(2).sum().backward()
         with torch.no_grad():
             for p in sgs.parameters():
                 p -= 0.1 * p.grad
@@ -462,6 +493,7 @@ def test_an_optimizer_outside_torch_optim_warns():
     opt = MySGD(sgs.parameters())
     sgs(X).pow(2).sum().backward()
     opt.step()
+    sgs.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="no torch.optim optimizer step applied S"):
         sgs(X).pow(2).sum().backward()
 
