@@ -177,6 +177,13 @@ def _same_padded(x, kernel, stride):
     return torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
 
 
+class _OwnForward(nn.Conv2d):
+    """A conv subclass with a forward of its own that leaves the padding to torch's (padding_mode included)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
 def _timm_same(stride):
     timm = pytest.importorskip("timm")
     return timm.layers.Conv2dSame(3, 4, 3, stride=stride)
@@ -188,7 +195,11 @@ def _timm_same(stride):
     (lambda: _timm_same(2), lambda x: sgs_fx.dependence(_same_padded(x, 3, 2), nn.Conv2d(3, 4, 3, stride=2))),
     (lambda: nn.Conv2d(3, 4, 3, padding="same"), lambda x: sgs_fx.dependence(x, nn.Conv2d(3, 4, 3, padding=1))),
     (lambda: nn.Conv2d(3, 4, 4, padding="same"), lambda x: sgs_fx.dependence(_same_padded(x, 4, 1), nn.Conv2d(3, 4, 4))),
-], ids=["same_pad_in_forward", "same_pad_in_forward_strided", "timm_Conv2dSame", "padding_same", "padding_same_even"])
+    *[(lambda mode=mode: _OwnForward(3, 4, 3, padding=1, padding_mode=mode),
+       lambda x, mode=mode: sgs_fx.dependence(x, nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode)))
+      for mode in ("zeros", "reflect", "circular", "replicate")],
+], ids=["same_pad_in_forward", "same_pad_in_forward_strided", "timm_Conv2dSame", "padding_same", "padding_same_even",
+        "own_forward_zeros", "own_forward_reflect", "own_forward_circular", "own_forward_replicate"])
 def test_mi_sees_the_map_the_conv_convolves(make, reference):
     # a conv that pads inside its own forward (timm's Conv2dSame) convolves a padded map: S comes from that map,
     # as from the same conv with explicit padding (it came from the unpadded input before)

@@ -309,3 +309,29 @@ def test_calibrating_a_train_mode_export_changes_nothing_and_is_deterministic():
     again = sgs_fx.MIScheduler(sgs, [x], batches=1).calibrate()
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(s, torch.ones_like(s)) for s in first.values())
+
+
+class _BroadcastBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("bias_map", torch.randn(1, 4, 1, 1).expand(1, 4, 8, 8))  # a stride-0 view
+
+    def forward(self, x):
+        return self.c(x) + self.bias_map
+
+
+def test_calibration_with_a_shuffling_loader_and_a_broadcast_buffer_leaves_no_trace():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    sgs = sgs_fx.transform(_BroadcastBuffer())
+    assert set(sgs_fx.MIScheduler(sgs, [torch.randn(2, 3, 8, 8)], batches=1).calibrate()) == {"c"}
+    data = TensorDataset(torch.randn(32, 3, 8, 8), torch.zeros(32))
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))
+    rng = torch.get_rng_state()
+    first = sgs_fx.MIScheduler(model, DataLoader(data, batch_size=4, shuffle=True), batches=1).calibrate()
+    again = sgs_fx.MIScheduler(model, DataLoader(data, batch_size=4, shuffle=True), batches=1).calibrate()
+    assert torch.equal(torch.get_rng_state(), rng)  # the loader's shuffle drew from a forked RNG
+    assert torch.equal(first["0"], again["0"])  # so both calibrations saw the batches the epoch starts with
+    expected_first = next(iter(DataLoader(data, batch_size=4, shuffle=True)))[0]  # what the epoch now draws first
+    assert torch.equal(first["0"], sgs_fx.dependence(expected_first, nn.Conv2d(3, 4, 3, padding=1)))

@@ -130,10 +130,25 @@ class ObserveFunctionalConvs(TorchFunctionMode):
             entry = self.observers.get(id(weight))
             if entry is not None and entry[0] is weight:
                 entry[1](x)
-            elif self.inside and not self.inside[-1][1]:
-                self.inside[-1][0](x)  # the map that conv module's own forward convolves (padded there, maybe)
-                self.inside[-1][1] = True
+            elif self.inside and self.inside[-1][1] == 0:
+                entry = self.inside[-1]
+                padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
+                if _same_padding(padding, entry[3]):
+                    entry[0](x)  # the map that conv module's own forward convolves (padded there, maybe)
+                    entry[1] = 1
+                else:  # torch's _conv_forward padded it (padding_mode): the estimator pads the module input itself
+                    entry[1] = 2
         return func(*args, **kwargs)
+
+
+def _same_padding(op_padding, conv: nn.Module) -> bool:
+    """Whether a conv op pads as the module's geometry says (then its input is the map the estimator pads)."""
+    mine = conv.padding
+    if isinstance(op_padding, str) or isinstance(mine, str):
+        return op_padding == mine
+    n = len(conv.kernel_size)
+    as_tuple = lambda p: tuple(p) if isinstance(p, (tuple, list)) else (int(p),) * n  # noqa: E731
+    return as_tuple(op_padding) == as_tuple(mine) and (conv.padding_mode == "zeros" or not any(as_tuple(mine)))
 
 
 def observe_conv_ops(modules: dict, observers: dict, inside: list) -> list:
@@ -143,11 +158,11 @@ def observe_conv_ops(modules: dict, observers: dict, inside: list) -> list:
     handles = []
     for name, m in modules.items():
         def enter(mod, args, fn=observers[name]):
-            inside.append([fn, False, args[0] if args else None])
+            inside.append([fn, 0, args[0] if args else None, mod])  # state 0: no conv op seen yet
 
         def leave(mod, args, out):
-            fn, seen, x = inside.pop()
-            if not seen and x is not None:
+            fn, state, x, _ = inside.pop()
+            if state != 1 and x is not None:
                 fn(x)
 
         handles.append(m.register_forward_pre_hook(enter))

@@ -144,11 +144,14 @@ class MIScheduler:
         return new
 
     def _draw_inputs(self, root: nn.Module) -> list:
+        # A shuffling loader draws its order from the global RNG: on a forked one, calibration sees the batches
+        # the epoch will then train on first, and leaves the training's random stream where it was.
         inputs = []
-        for batch in self.loader:
-            inputs.append(to_model(self.input_fn(batch), root))
-            if len(inputs) == self.batches:
-                break
+        with _rng_untouched():
+            for batch in self.loader:
+                inputs.append(to_model(self.input_fn(batch), root))
+                if len(inputs) == self.batches:
+                    break
         if not inputs:
             raise ValueError("MIScheduler: the loader yielded no batch; it needs at least one to estimate S")
         return inputs
@@ -230,20 +233,28 @@ def _eval_no_grad(model: nn.Module):
         model.eval()
     except (NotImplementedError, RuntimeError):
         pass  # torch.export's modules keep the mode they were exported in
-    saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
-    devices = sorted({b.device.index or 0 for b, _ in saved if b.device.type == "cuda"}) or \
-        sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None and not b.is_meta]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), _rng_untouched():
             torch.manual_seed(0)
             yield
     finally:
         with torch.no_grad():
-            for b, value in saved:
-                if b.shape == value.shape:
+            for m, name, b, value in saved:
+                now = m._buffers.get(name)
+                if now is not b or b.shape != value.shape:  # replaced or resized (a fake-quant's first ranges)
+                    m._buffers[name] = value
+                elif 0 not in b.stride():  # (a broadcast view cannot have been written: nothing to restore)
                     b.copy_(value)
         for m, training in modes.items():
             m.training = training
+
+
+def _rng_untouched():
+    """The CPU and every CUDA device's random state, restored afterwards."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _distributed() -> bool:
