@@ -188,7 +188,7 @@ class Computed(nn.Module):
 def test_computed_weights_are_named_in_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="sgs_fx"):
         sgs = sgs_fx.transform(fx.symbolic_trace(Computed()))
-    assert "1 conv call(s) with a computed kernel" in caplog.text and "computed by mul(base, gate)" in caplog.text
+    assert "1 conv use(s) with no spatial taps of their own" in caplog.text and "computed by mul(base, gate)" in caplog.text
     assert "base is not instrumented: no S on this use" in caplog.text and list(sgs_fx.instrumented(sgs)) == ["conv"]
 
 

@@ -327,7 +327,7 @@ def test_a_computed_kernel_gets_one_semantic_on_every_route(route, scaling, capl
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="sgs_fx"):
             sgs = sgs_fx.transform(source, scaling=scaling)
-        assert "1 conv call(s) with a computed kernel" in caplog.text and says in caplog.text
+        assert "1 conv use(s) with no spatial taps of their own" in caplog.text and says in caplog.text
         assert "transpose(conv_weight" in caplog.text or "flip(k" in caplog.text
         sgs_fx.set_scales(sgs, {"conv": torch.rand(3, 3, dtype=torch.float64) + 0.5})
         s = sgs_fx.get_scales(sgs)["conv"]
@@ -338,3 +338,55 @@ def test_a_computed_kernel_gets_one_semantic_on_every_route(route, scaling, capl
             torch.optim.SGD(m.parameters(), lr=0.0).step()
             grads.append(dict(m.named_parameters())[param].grad)
         assert torch.equal(grads[1], s * grads[0] if scaled_as_a_whole else grads[0])
+
+
+class TiedTransposed(nn.Module):
+    """An autoencoder whose decoder is a ConvTranspose2d tied to the encoder conv's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+        self.dec = nn.ConvTranspose2d(4, 3, 3, padding=1)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+class FunctionalTransposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.conv_transpose2d(torch.relu(self.enc(x)), self.enc.weight, padding=1)
+
+
+@pytest.mark.parametrize("make", [TiedTransposed, FunctionalTransposed], ids=["module", "functional"])
+def test_a_transposed_use_of_a_conv_weight_is_named_and_scaled_with_it(make, caplog):
+    torch.manual_seed(0)
+    plain = make().double()
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        sgs = sgs_fx.transform(plain)
+    assert "enc.weight is scaled as a whole by the S of enc, so this use's gradient is too" in caplog.text
+    sgs_fx.set_scales(sgs, {"enc": torch.rand(3, 3, dtype=torch.float64) + 0.5})
+    s = sgs_fx.get_scales(sgs)["enc"]
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for m in (plain, sgs):
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+        torch.optim.SGD(m.parameters(), lr=0.0).step()
+    assert torch.equal(sgs.enc.weight.grad, s * plain.enc.weight.grad)
+
+
+def test_legacy_spectral_norm_and_a_second_scaling_are_refused():
+    legacy = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="deprecated torch.nn.utils.spectral_norm.*parametrizations.spectral_norm"):
+        sgs_fx.transform(legacy)
+    with pytest.raises(ValueError, match="deprecated torch.nn.utils.spectral_norm"):
+        sgs_fx.transform(legacy, inplace=True)
+    assert type(legacy[0]) is nn.Conv2d  # refused before anything changed
+    sgs = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match=r"already instrumented with scaling='step'; call sgs_fx.strip"):
+        sgs_fx.transform(sgs, scaling="hook")
+    assert sgs_fx.transform(sgs, inplace=True) is sgs  # the same scaling again: idempotent

@@ -76,11 +76,24 @@ def _source_parameter(gm: fx.GraphModule, weight: fx.Node) -> tuple[str | None, 
     return None, "reached through too many nodes"
 
 
+_TRANSPOSED_CONVS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+def _is_transposed_conv(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in _TRANSPOSED_CONVS or (
+        node.target is aten.convolution.default and bool((list(node.args) + [None] * 7)[6])))
+
+
 def computed_kernel_calls(graph: fx.Graph, root: nn.Module) -> list[tuple[str, list[str]]]:
-    """Conv calls of ``graph`` (traced from ``root``) whose kernel is computed — transposed, flipped, generated — and
-    not a parameter's fixed taps: (the call, described; the parameters it is computed from)."""
+    """Conv calls of ``graph`` (traced from ``root``) with no spatial taps of their own to scale — a computed kernel
+    (transposed, flipped, generated) or a transposed convolution: (the call, described; the parameters involved)."""
     out = []
     for node in graph.nodes:
+        if _is_transposed_conv(node):
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node):
+                out.append((f"{node.name} (a transposed convolution)", _upstream_parameters(root, weight)))
+            continue
         if not is_conv_node(node) or conv_args(node) is None:
             continue
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

@@ -84,6 +84,15 @@ def transform(
     modules = dict(model.named_modules())
     already = [n for n, m in modules.items() if is_instrumented(m)]
     other_mode = [n for n in already if mode_of(modules[n]) != mode]
+    if mode == "sgs":
+        other_scaling = [n for n in already if mode_of(modules[n]) == "sgs" and
+                         bool(modules[n].__dict__.get("_sgs_step")) != (scaling == "step")
+                         and not modules[n].__dict__.get("_sgs_per_use")]
+        if other_scaling:
+            raise ValueError(
+                f"sgs_fx.transform(scaling={scaling!r}): {other_scaling[0]!r} is already instrumented with scaling="
+                f"{'step' if modules[other_scaling[0]].__dict__.get('_sgs_step') else 'hook'!r}; call "
+                "sgs_fx.strip(model) first to change it (S is kept by get_scales / set_scales)")
     if other_mode:
         raise ValueError(
             f"sgs_fx.transform(mode={mode!r}): {other_mode[0]!r} is already instrumented in mode "
@@ -150,7 +159,7 @@ def transform(
 
     if mode == "sgs":
         computed = computed_kernel_calls(model.graph, model) if isinstance(model, fx.GraphModule) else sites.computed
-        _warn_computed_kernels(model, computed)
+        _warn_computed_kernels(model, computed + _other_modules_using_scaled_weights(model))
     not_reached = [n for n in candidates if n not in rank] if sites.order else []
     logger.info(
         "sgs_fx.transform: %d conv(s) instrumented in mode %r (%s)%s%s",
@@ -163,6 +172,23 @@ def transform(
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
     return model
+
+
+def _other_modules_using_scaled_weights(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Modules that are not SGS convs holding a weight an SGS conv scales (a tied ConvTranspose, a Linear)."""
+    convs = {id(_target_of(m)) for m in instrumented(model).values() if is_sgs_conv(m)}
+    names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)  # the first name: the SGS conv's, in registration order
+    out = []
+    for mname, mod in model.named_modules():
+        if is_sgs_conv(mod):
+            continue
+        for pname, p in mod._parameters.items():
+            if p is not None and id(p) in convs and f"sgs_{pname}" not in mod._modules:  # (an F.conv call's own)
+                out.append((f"{mname or type(model).__name__}.{pname} ({type(mod).__name__}, a module that is not an "
+                            "SGS conv)", [names.get(id(p), f"{mname}.{pname}")]))
+    return out
 
 
 def _warn_computed_kernels(model: nn.Module, computed: list[tuple[str, list[str]]]) -> None:
@@ -188,8 +214,9 @@ def _warn_computed_kernels(model: nn.Module, computed: list[tuple[str, list[str]
             else:
                 parts.append(f"{p} is not instrumented: no S on this use")
         lines.append(f"{call}: {'; '.join(parts)}")
-    logger.warning("sgs_fx.transform: %d conv call(s) with a computed kernel (transposed, flipped, generated: no "
-                   "fixed spatial taps of their own to scale): %s", len(lines), " | ".join(lines[:5]))
+    logger.warning("sgs_fx.transform: %d conv use(s) with no spatial taps of their own to scale (a computed kernel, a "
+                   "transposed convolution, or a module sharing an SGS conv's weight): %s", len(lines),
+                   " | ".join(lines[:5]))
 
 
 def _graph_sites(gm: fx.GraphModule) -> CallSites:
@@ -209,17 +236,20 @@ def _order_by_graph(gm: fx.GraphModule) -> None:
 
 def _refuse_unsupported(model: nn.Module, mode: str, selected: FilterFn) -> None:
     """Convs the pass cannot instrument correctly: a clear error before anything is copied or changed."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for name, m in model.named_modules():
         if not (is_plain_conv(m) and not is_instrumented(m) and selected(name, m)):
             continue
-        if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
-            raise ValueError(
-                f"sgs_fx.transform: conv {name!r} uses the deprecated torch.nn.utils.weight_norm, whose weight is "
-                "recomputed by a forward pre-hook and cannot be copied or scaled; use "
-                "torch.nn.utils.parametrizations.weight_norm (SGS then scales the direction v), or leave the conv "
-                "out with filter_fn")
+        for legacy, new, what in ((WeightNorm, "weight_norm", "the direction v"),
+                                  (SpectralNorm, "spectral_norm", "its original weight")):
+            if any(isinstance(h, legacy) for h in m._forward_pre_hooks.values()):
+                raise ValueError(
+                    f"sgs_fx.transform: conv {name!r} uses the deprecated torch.nn.utils.{new}, whose weight is "
+                    f"recomputed by a forward pre-hook and cannot be copied or scaled; use "
+                    f"torch.nn.utils.parametrizations.{new} (SGS then scales {what}), or leave the conv out with "
+                    "filter_fn")
         if mode == "branches" and is_deform_conv(m):
             raise ValueError(
                 f"sgs_fx.transform(mode='branches'): {name!r} is a DeformConv2d, whose sampling positions move with "
