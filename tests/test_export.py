@@ -310,3 +310,24 @@ def test_a_static_torch_export_program_is_exported_at_its_shape(tmp_path):
         sgs_fx.export_onnx(plain, tmp_path / "dyn.onnx", x, dynamic_batch=True)
     dynamic = sgs_fx.export_onnx(model, tmp_path / "dynamic.onnx", x)  # an ordinary module: dynamic as before
     assert dynamic.static_batch is None and list(dynamic.max_abs_diff) == [1, 3]
+
+
+class _AssertsNonNegative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        assert bool((x >= 0).all()), "x must be >= 0"
+        return self.conv(x)
+
+
+def test_a_model_that_rejects_the_random_check_inputs_gets_a_clear_error(tmp_path):
+    # a value-dependent assertion is not a fixed batch size (the probe repeats the example's own values), and the
+    # random check inputs it then rejects are named, with what to do
+    x = torch.rand(3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"raised on the check's inputs, which are drawn at random like example_input"
+                                         r".*x must be >= 0.*pass check_input="):
+        sgs_fx.export_onnx(_AssertsNonNegative(), tmp_path / "m.onnx", x)
+    report = sgs_fx.export_onnx(_AssertsNonNegative(), tmp_path / "real.onnx", x, check_input=torch.rand(5, 3, 8, 8))
+    assert report.passed and list(report.max_abs_diff) == [1, 3] and report.static_batch is None

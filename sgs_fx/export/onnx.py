@@ -208,9 +208,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
             ~5e-3 on a ResNet-18 whose outputs reach ~2e3 (a regression head in raw units; 2-4e-6 of the
             scale), which an absolute bound alone would fail. A wrong graph (a missing op, another padding)
             misses by far more than 1e-5 of the scale.
-        check_input: inputs (N, ...) for the quantized check (a tuple like ``example_input``'s for a model
-            with several), ideally real data: a classifier's top-1 agreement is only meaningful where its
-            logits have margins (default: 64 random inputs).
+        check_input: real inputs (N, ...) to check on (a tuple like ``example_input``'s for a model with several):
+            for a float model, the comparison runs on their first items at each of ``check_batch_sizes`` instead of
+            on random inputs (for a model that rejects random values); for a quantized one, every output and
+            top-1 agreement are checked over all of them (default: 64 random inputs, and no agreement check).
         max_output_steps, max_output_fraction: a quantized export also fails where any output differs from the
             PyTorch fake-quant model's by more than the larger of ``max_output_steps`` quantization steps of that
             output (the scale of the fake-quant that produces it, else 1/255 of its range over the check inputs)
@@ -282,7 +283,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
                           size_bytes=file_size(path, proto), static_batch=static_reason)
     sizes = tuple(check_batch_sizes) if dynamic_batch else (None,)  # None: the example's own shapes
     session = _session(path, report)
-    _compare(plain, session, xs, sizes, report)
+    given = check_input if not quantized else None  # a float check on the user's inputs, where given
+    if given is not None and dynamic_batch and len(given[0]) < max(check_batch_sizes):
+        raise ValueError(f"export_onnx: check_input holds {len(given[0])} inputs; the check runs batch sizes "
+                         f"{list(check_batch_sizes)}: give at least {max(check_batch_sizes)}")
+    try:
+        _compare(plain, session, xs, sizes, report, given)
+    except (AssertionError, RuntimeError, ValueError, IndexError) as exc:
+        if given is not None:
+            raise
+        raise ValueError(
+            f"export_onnx: the model raised on the check's inputs, which are drawn at random like example_input "
+            f"(floats around its mean and std, integers between its min and max): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. The file was written to {path}; pass "
+            "check_input=(real inputs the model accepts) to check on those instead") from exc
     if quantized:
         report.max_output_steps, report.max_output_fraction = max_output_steps, max_output_fraction
 
@@ -442,7 +456,8 @@ def _output_steps(model: nn.Module) -> list[float | None]:
 def _fixed_batch(model: nn.Module, xs: tuple[Tensor, ...]) -> str | None:
     """Why ``model`` runs only at the example's batch size (a static ``torch.export`` program's guard), or None."""
     n = _batch_size(xs[0])
-    other = tuple(_random_like(x, n + 1, torch.Generator().manual_seed(2)) for x in xs)
+    # the example's own values, its first item repeated (an order or a range the forward asserts still holds)
+    other = tuple(torch.cat([x[:1], x]) for x in xs)
     try:
         with torch.no_grad():
             model(*other)
@@ -540,8 +555,10 @@ def _agreement(model: nn.Module, session, xs: tuple[Tensor, ...], check_input: t
     report.agreement_meaningful = given and width > 1 and len(classes) > 1
 
 
-def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport) -> None:
-    """Run both on random inputs drawn like ``xs``; every output tensor is compared with its ONNX output.
+def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport,
+             given: tuple[Tensor, ...] | None = None) -> None:
+    """Run both on random inputs drawn like ``xs`` (or on the first items of ``given``, the user's check inputs);
+    every output tensor is compared with its ONNX output.
 
     Per batch size the report keeps the output closest to its allowance (``atol + rtol * its max |value|``),
     so a small auxiliary output is not judged by the scale of a large main one.
@@ -550,8 +567,11 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
 
     g = torch.Generator().manual_seed(0)
     for b in sizes:
-        xb = tuple(_random_like(x, b, g) for x in xs)
-        b = b if b is not None else _batch_size(xs[0])  # the report's key
+        if given is not None:
+            xb = tuple(c if b is None else c[:b] for c in given)
+        else:
+            xb = tuple(_random_like(x, b, g) for x in xs)
+        b = b if b is not None else _batch_size(xb[0])  # the report's key
         with torch.no_grad():
             expected = [t.numpy() for t in _output_tensors(model(*xb))]
         got = session.run(None, _feed(session, xb))

@@ -182,7 +182,7 @@ def _other_modules_using_scaled_weights(model: nn.Module) -> list[tuple[str, lis
         names.setdefault(id(p), n)  # the first name: the SGS conv's, in registration order
     out = []
     for mname, mod in model.named_modules():
-        if is_sgs_conv(mod):
+        if is_sgs_conv(mod) or isinstance(mod, parametrize.ParametrizationList):  # (a parametrized conv's original)
             continue
         for pname, p in mod._parameters.items():
             if p is not None and id(p) in convs and f"sgs_{pname}" not in mod._modules:  # (an F.conv call's own)
