@@ -214,3 +214,27 @@ def test_timm_optimizer_and_scheduler_equal_the_hand_computation_and_resume():
     again = sgs_fx.transform(net().double(), scales=scales)
     resumed = _timm_run(again, 2, state=half)
     assert_same(resumed["model"], whole["model"])
+
+
+def test_lightning_callback_names_a_missing_forward_and_takes_a_model():
+    L = _lightning()
+    from sgs_fx.integrations.lightning import SGSCallback
+
+    class NoForward(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = sgs_fx.transform(net().double())
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(dataset(), batch_size=4, shuffle=False)
+    with pytest.raises(TypeError, match="defines no forward.*model=lambda pl: pl.net"):
+        _trainer(1, "64-true", [SGSCallback(warmup=0)], enable_checkpointing=False).fit(NoForward(), loader)
+    lit = NoForward()
+    callback = SGSCallback(warmup=0, model=lambda pl: pl.net)
+    _trainer(1, "64-true", [callback], enable_checkpointing=False).fit(lit, loader)
+    assert not all(torch.equal(s, torch.ones_like(s)) for s in sgs_fx.get_scales(lit.net).values())

@@ -26,6 +26,14 @@ from ..scaling.scheduler import MIScheduler
 __all__ = ["SGSCallback"]
 
 
+def _lightning_forward():
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:
+        from pytorch_lightning import LightningModule
+    return LightningModule.forward
+
+
 class SGSCallback(Callback):
     """Runs ``sgs_fx.MIScheduler`` at the start of every training epoch, on the trainer's training dataloader.
 
@@ -50,6 +58,11 @@ class SGSCallback(Callback):
         loader = trainer.train_dataloader
         if self.scheduler is None:
             target = self.model_fn(pl_module) if self.model_fn is not None else pl_module
+            if self.model_fn is None and type(pl_module).forward is _lightning_forward():
+                raise TypeError(
+                    f"SGSCallback: {type(pl_module).__name__} defines no forward, which the MI calibration calls with "
+                    "each batch's input; define forward, or pass model=lambda pl: pl.net (the module holding the SGS "
+                    "convs) and, if the batch is not (input, ...), input_fn")
             self.scheduler = MIScheduler(target, loader, **self.options)
             if self._pending is not None:
                 self.scheduler.load_state_dict(self._pending)
