@@ -19,6 +19,14 @@ ADAPTIVE = tuple(
     for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor")
     if hasattr(torch.optim, n)
 )
+# other libraries' per-coordinate normalising or sign-based optimizers (timm's Lamb, Lion, Adan, AdaBelief, MADGRAD,
+# ...), by class name: a sign-based update cancels a positive S entirely
+_ADAPTIVE_NAMES = ("adam", "lamb", "lion", "adan", "adabelief", "madgrad", "rmsprop", "adafactor", "adagrad",
+                   "adadelta", "laprop", "prodigy", "sophia", "novograd")
+
+
+def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, ADAPTIVE) or any(n in type(optimizer).__name__.lower() for n in _ADAPTIVE_NAMES)
 
 # A mark on the Parameter itself, not a weak reference to it: torch.utils.swap_tensors (used by to() and
 # load_state_dict under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
@@ -61,7 +69,7 @@ def any_marked() -> bool:
 
 def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
     """Once per adaptive optimizer that steps SGS weights (checked whenever its list of them is rebuilt)."""
-    if optimizer in _WARNED or not isinstance(optimizer, ADAPTIVE):
+    if optimizer in _WARNED or not is_adaptive(optimizer):
         return
     if any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
         _WARNED[optimizer] = True

@@ -188,7 +188,7 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
         return None
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
-    if closure is None:
+    if not callable(closure):  # no closure (or an optimizer whose step takes something else first)
         entry[1].update(_scale(pairs, _in_outer_step()))
         return None
 

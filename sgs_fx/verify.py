@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .optimizers import ADAPTIVE
+from .optimizers import is_adaptive
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
 from .passes.select import copy_model
@@ -145,7 +145,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
 
 def _violations(opt, clip_grad_norm, l2_in_loss) -> list[str]:
     out = []
-    if isinstance(opt, ADAPTIVE):
+    if is_adaptive(opt):
         out.append(f"{type(opt).__name__} normalises each coordinate (SGS is defined for SGD)")
     elif not isinstance(opt, torch.optim.SGD):
         out.append(f"{type(opt).__name__} is not SGD; the lemma covers SGD, momentum, Nesterov and coupled L2")
