@@ -114,6 +114,14 @@ def _full_scale(conv: nn.Module, g: Tensor) -> Tensor:
     return full
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
+
+
+_CUDA = [torch.cuda.is_available()]
+
+
 def _scale(pairs, skip) -> set[int]:
     """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled.
 
@@ -124,7 +132,9 @@ def _scale(pairs, skip) -> set[int]:
     scales: list[Tensor] = []
     scaled: set[int] = set()
     prescaled = _PRESCALED_ANY[0]
-    compiling = torch.compiler.is_compiling()  # a compiled step fuses the broadcast: no materialised copy there
+    # S itself, broadcast, where the step is traced or captured: a compiled step fuses the broadcast, and a CUDA
+    # graph must read S's own memory at every replay (S changes in place; a materialised copy would not follow)
+    compiling = torch.compiler.is_compiling() or _capturing()
     for p, conv in pairs:
         g = p.grad
         if g is None:

@@ -653,3 +653,19 @@ def test_a_gradient_sharded_along_a_kernel_dim_is_refused_by_a_real_fsdp2_step()
         with open(out) as f:
             said = f.read()
     assert "sharded along a spatial kernel dim (S(2))" in said and "dim 0" in said
+
+
+def test_a_captured_step_multiplies_by_S_itself_not_a_cached_copy(monkeypatch):
+    # a CUDA graph replays the multiply on the memory it was captured with: that must be S's own buffer, which
+    # calibrations rewrite in place, not the copy of S materialised for eager steps
+    from sgs_fx import step as step_module
+
+    sgs, opt, _ = stepped()
+    step_grads(sgs, opt, X)  # an eager step: the materialised copies exist now
+    seen = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(step_module, "_capturing", lambda: True)
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda grads, scales: (seen.extend(scales), real(grads, scales)))
+    step_grads(sgs, opt, X)
+    buffers = [m.sgs_scale for m in sgs_fx.instrumented(sgs).values()]
+    assert len(seen) == 3 and all(any(s is b for b in buffers) for s in seen)
