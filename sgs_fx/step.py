@@ -4,8 +4,8 @@ A global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_ste
 ``step()`` of every ``torch.optim.Optimizer``, timm's and Lightning's included, with nothing for the user to call.
 It finds the SGS weights the optimizer holds (a list cached per optimizer, rebuilt only when its param groups or
 the set of SGS weights change) and multiplies their ``.grad`` by S with one ``torch._foreach_mul_``: the
-official implementation's multiply of ``.grad``, at the plain model's cost. The convs carry no hook and no graph
-op, so a compiled model's graph is the plain model's and a new S never recompiles it.
+official implementation's multiply of ``.grad``, at about its cost (BENCHMARKS.md). The convs carry no hook and no
+graph op, so a compiled model's graph is the plain model's and a new S never recompiles it.
 
 S is linear, so this is the same update as scaling each gradient in the backward pass: micro-batches accumulated
 into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 import weakref
 
 import torch
@@ -237,7 +236,8 @@ def scale_gradients(model: nn.Module) -> int:
     pairs = []
     for conv in instrumented(model).values():
         if is_sgs_conv(conv) and scales_at_step(conv):
-            p = conv.__dict__.get("_sgs_sharded") or conv.__dict__["_sgs_hook"].param
+            sharded = conv.__dict__.get("_sgs_sharded")
+            p = sharded if sharded is not None else conv.__dict__["_sgs_hook"].param
             pairs.append((p, conv))
     scaled = _scale(pairs, set())
     _PRESCALED_ANY[0] = True
