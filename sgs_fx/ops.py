@@ -291,6 +291,14 @@ def _check_update(conv: nn.Module, state: "_HookState", w: Tensor) -> None:
     state.scaled = False
 
 
+def _check_target(conv: nn.Module, target: Tensor | None) -> None:
+    """``_check_update`` for the forwards that find the trained tensor themselves (pruned, parametrized convs)."""
+    state = conv.__dict__.get("_sgs_hook")
+    if state is not None and state.at_step and target is not None and not _tracing() and \
+            target._version != state.version:
+        _check_update(conv, state, target)
+
+
 def _register(w: Tensor, fn) -> object:
     had_hooks = w._backward_hooks is not None
     handle = w.register_hook(fn)
@@ -392,10 +400,7 @@ class SGSConvMixin:
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
-        state = self.__dict__.get("_sgs_hook")
-        if state is not None and state.at_step and target is not None and not _tracing() and \
-                target._version != state.version:
-            _check_update(self, state, target)
+        _check_target(self, target)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
             w = self.weight
         if self.__dict__.get("_sgs_per_use", False):
@@ -514,10 +519,7 @@ class _SGSParametrizedMixin(SGSConvMixin):
         target = hook_target(self)
         if not _tracing() and not _attached_for(self, target):
             attach_hook(self)
-        state = self.__dict__.get("_sgs_hook")
-        if state is not None and state.at_step and target is not None and not _tracing() and \
-                target._version != state.version:
-            _check_update(self, state, target)
+        _check_target(self, target)
         return self._sgs_base.forward(self, *args, **kwargs)
 
 

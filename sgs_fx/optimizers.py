@@ -31,7 +31,8 @@ def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
 # A mark on the Parameter itself, not a weak reference to it: torch.utils.swap_tensors (used by to() and
 # load_state_dict under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
 _MARK = "_sgs_scaled"
-# ... and a second mark on a weight whose gradient only an optimizer's step scales (scaling="step")
+# ... and a second one on a weight whose gradient an optimizer's step scales (scaling="step"): register_scaled
+# compares it to tell a change (which rebuilds the optimizers' cached lists) from a re-attachment (which does not)
 STEP_MARK = "_sgs_at_step"
 _WARNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
 _state = {"generation": 0, "any": False}

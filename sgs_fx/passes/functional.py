@@ -113,9 +113,10 @@ def strip_functional(model: nn.Module) -> None:
 
 
 class ObserveFunctionalConvs(TorchFunctionMode):
-    """During calibration: pass the input of every conv call whose weight is a hooked parameter to its observer,
-    and the input of the first conv op inside the forward of each conv module on ``inside`` (its stack of
-    ``[observer, seen]`` entries: see ``observe_conv_ops``)."""
+    """During calibration: pass the input of every conv call whose weight is an instrumented parameter to its
+    observer, and the input of the first conv op inside the forward of each conv module on ``inside`` (a stack of
+    ``[observer, state, module input, module]`` entries; state 0: no conv op yet, 1: observed, 2: the module input
+    is observed instead; see ``observe_conv_ops``)."""
 
     def __init__(self, observers: dict, inside: list | None = None):
         super().__init__()

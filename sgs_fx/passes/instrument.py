@@ -15,7 +15,7 @@ from ..ops import SCALE_BUFFER, _target_of, attach_hook, hook_target, is_pruned,
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, copy_model, default_filter, is_deform_conv, is_plain_conv, unwrap
-from .functional import instrument_functional
+from .functional import PREFIX, instrument_functional
 from .graph import computed_kernel_calls, graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
 
@@ -52,11 +52,11 @@ def transform(
         branches: ``mode="branches"`` only: a recipe name ("acb", "repvgg", "skeleton") or a list of
             ``(kernel_shape, alpha)`` pairs; default: masked branches reproducing ``scales``.
         scaling: when S is applied. ``"step"`` (default): any torch.optim optimizer's ``step()`` multiplies the
-            weight's ``.grad`` by S (the official code's order, at the plain model's cost, eager or compiled);
+            weight's ``.grad`` by S (the official code's order and about its cost, eager or compiled);
             gradients read before the step (clipping, ``torch.autograd.grad``) are the unscaled G
             (``sgs_fx.scale_gradients`` applies S earlier). ``"hook"``: a gradient hook on the Parameter
-            applies S in the backward pass, so every gradient anyone reads is S ⊙ G (~3 % dearer on a
-            host-bound step). The same update either way. Tied weights and F.conv calls of ordinary modules
+            applies S in the backward pass, so every gradient anyone reads is S ⊙ G (about a point dearer
+            than ``"step"`` on a host-bound step; BENCHMARKS.md). The same update either way. Tied weights and F.conv calls of ordinary modules
             are scaled in the backward pass in both.
 
     Returns:
@@ -185,7 +185,7 @@ def _other_modules_using_scaled_weights(model: nn.Module) -> list[tuple[str, lis
         if is_sgs_conv(mod) or isinstance(mod, parametrize.ParametrizationList):  # (a parametrized conv's original)
             continue
         for pname, p in mod._parameters.items():
-            if p is not None and id(p) in convs and f"sgs_{pname}" not in mod._modules:  # (an F.conv call's own)
+            if p is not None and id(p) in convs and PREFIX + pname not in mod._modules:  # (an F.conv call's own)
                 out.append((f"{mname or type(model).__name__}.{pname} ({type(mod).__name__}, a module that is not an "
                             "SGS conv)", [names.get(id(p), f"{mname}.{pname}")]))
     return out

@@ -17,9 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batches import call, first_input, to_model
-from ..ops import is_sgs_conv
+from ..ops import _SGSOwnForwardMixin, is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
-from ..ops import _SGSOwnForwardMixin
 from ..passes.functional import ObserveFunctionalConvs, observe_conv_ops
 from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, _check_hyper
