@@ -7,6 +7,7 @@ optimizer and does not refuse. The check runs in the global optimizer step pre-h
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 
 import torch
@@ -35,6 +36,10 @@ _MARK = "_sgs_scaled"
 # compares it to tell a change (which rebuilds the optimizers' cached lists) from a re-attachment (which does not)
 STEP_MARK = "_sgs_at_step"
 _WARNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+# On a Parameter of the model handed to transform (not inplace): (weakref to the copy's module, attribute name) of
+# the weight that replaced it in the returned copy. An optimizer built before transform holds these.
+COPIED_TO = "_sgs_copied_to"
+_WARNED_STALE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
 _state = {"generation": 0, "any": False}
 
 
@@ -79,3 +84,45 @@ def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",
             type(optimizer).__name__,
         )
+
+
+def remember_copies(source, copy) -> None:
+    """Mark each Parameter of ``source`` whose counterpart in the transformed ``copy`` is an SGS weight.
+
+    By module and attribute name, not a weak reference to the copy's Parameter: ``torch.utils.swap_tensors``
+    refuses tensors that have weakrefs.
+    """
+    for mname, mod in copy.named_modules():
+        for pname, p in mod._parameters.items():
+            if p is None or not p.__dict__.get(_MARK):
+                continue
+            try:
+                src = source.get_submodule(mname)._parameters.get(pname) if mname else source._parameters.get(pname)
+            except AttributeError:
+                continue
+            if src is not None and src is not p:
+                src.__dict__[COPIED_TO] = (weakref.ref(mod), pname)
+
+
+def warn_if_stale(optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
+    """Once per optimizer: it steps the Parameters of a model that ``transform`` copied, without gradients, while
+    the copy's weights have them: the optimizer was built before transform and trains nothing the copy uses."""
+    if optimizer in _WARNED_STALE:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            copied = p.__dict__.get(COPIED_TO)
+            if copied is None or p.grad is not None:
+                continue
+            mod = copied[0]()
+            twin = mod._parameters.get(copied[1]) if mod is not None else None
+            if twin is None or twin.grad is None or id(twin) in stepped:
+                continue
+            _WARNED_STALE[optimizer] = True
+            warnings.warn(
+                f"sgs_fx: {type(optimizer).__name__} steps the parameters of the model that was passed to "
+                "sgs_fx.transform, but the gradients were computed on the transformed copy it returned (its "
+                f"{type(mod).__name__}.{copied[1]} has a gradient; the optimizer's parameter has none), so this step "
+                "updates nothing the copy uses. Build the optimizer after transform: model = sgs_fx.transform(model), "
+                "then optimizer = ...(model.parameters()); or transform with inplace=True.", stacklevel=5)
+            return

@@ -73,17 +73,21 @@ def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
     if cached is not None and cached[0] == sig:
         return cached[1]
     found = []
+    sgs_weights: set[int] = set()
     for group in opt.param_groups:
         for p in group["params"]:
             # by identity, not by the mark on p: torch.utils.swap_tensors (to() under swapped tensors) swaps the
             # Parameters' __dict__ too, and an F.conv call's S holder cannot re-mark its owner's parameter then
             if id(p) not in _OWNERS and id(p) not in _SHARDED_OWNERS:
                 continue
+            sgs_weights.add(id(p))
             conv = _owner(p)
             if conv is not None and scales_at_step(conv):
                 found.append((p, conv))
     _CACHE[opt] = (sig, found)
-    optimizers.warn_if_adaptive(opt)  # (once per optimizer; checked when its weights are listed)
+    # (once per optimizer; checked when its weights are listed: at its first step, after the first backward)
+    optimizers.warn_if_adaptive(opt)
+    optimizers.warn_if_stale(opt, sgs_weights)
     return found
 
 

@@ -497,6 +497,47 @@ def test_an_optimizer_outside_torch_optim_warns():
         sgs(X).pow(2).sum().backward()
 
 
+@pytest.mark.parametrize("scaling", ["step", "hook"])
+def test_an_optimizer_built_before_transform_warns_once_and_names_the_fix(scaling):
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the user's mistake: built on the model transform copies
+    sgs = sgs_fx.transform(model, scaling=scaling)
+    before = {n: p.detach().clone() for n, p in sgs.named_parameters()}
+    with pytest.warns(UserWarning, match=r"Build the optimizer after transform.*inplace=True") as caught:
+        for _ in range(2):
+            opt.zero_grad()
+            sgs(X).pow(2).sum().backward()
+            opt.step()
+    assert len([w for w in caught if "Build the optimizer" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # points at the user's step
+    assert all(torch.equal(p, before[n]) for n, p in sgs.named_parameters())  # what the warning is about
+
+
+@pytest.mark.parametrize("case", ["built_after", "inplace", "the_original_trained_beside_a_copy", "holds_both"])
+def test_no_stale_optimizer_warning_where_the_optimizer_trains_what_ran(case):
+    model = net()
+    if case == "built_after":
+        sgs = sgs_fx.transform(model)
+        opt = torch.optim.SGD(sgs.parameters(), lr=0.1)
+    elif case == "inplace":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sgs = sgs_fx.transform(model, inplace=True)
+    elif case == "holds_both":  # the copy's weights are stepped too
+        sgs = sgs_fx.transform(model)
+        opt = torch.optim.SGD([*model.parameters(), *sgs.parameters()], lr=0.1)
+    else:  # a baseline trained with its own optimizer while a transformed copy (with gradients) is around
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        copy_ = sgs_fx.transform(model)
+        copy_(X).pow(2).sum().backward()
+        sgs = model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.zero_grad()
+            sgs(X).pow(2).sum().backward()
+            opt.step()
+
+
 @pytest.mark.parametrize("case", ["plain_loop", "zero_grad_in_place", "scale_gradients_then_hand_update",
                                   "eval_between", "grad_scaler_skips", "load_state_dict", "frozen"])
 def test_no_warning_where_S_was_applied(case):

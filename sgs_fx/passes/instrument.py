@@ -12,6 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..ops import SCALE_BUFFER, _target_of, attach_hook, hook_target, is_pruned, is_sgs_conv, scale_dtype, sgs_class_for
+from ..optimizers import remember_copies
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
 from .select import FilterFn, copy_model, default_filter, is_deform_conv, is_plain_conv, unwrap
@@ -77,8 +78,9 @@ def transform(
         raise ValueError(f"sgs_fx.transform: unknown scaling {scaling!r}; use 'step' (the default: S applied by "
                          "the optimizer's step) or 'hook' (S applied in the backward pass)")
     _refuse_unsupported(model, mode, filter_fn or default_filter)
+    source = None
     if not inplace:
-        model = copy_model(model, "sgs_fx.transform")
+        source, model = model, copy_model(model, "sgs_fx.transform")
 
     selected = filter_fn or default_filter
     modules = dict(model.named_modules())
@@ -171,6 +173,8 @@ def transform(
     )
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
+    if source is not None and mode == "sgs":
+        remember_copies(source, model)  # an optimizer built on `source` before transform trains nothing: warned
     return model
 
 
