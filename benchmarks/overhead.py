@@ -9,6 +9,9 @@ Variants (each its own copy of the same initial model, SGD momentum):
   sgs_per_use        the same, forced to scale per use (the autograd function of sgs_fx 0.1)
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
                      backward (what the official implementation does)
+  multiply_floor     the plain model, then the multiply "sgs" makes at the step (one ``_foreach_mul_`` by S
+                     materialised to each gradient's shape) with none of its bookkeeping: sgs / multiply_floor
+                     is what sgs_fx's Python adds, multiply_floor / plain the arithmetic any exact scaling costs
   branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
   *_compiled         torch.compile'd plain / sgs / sgs_hook (with --compile)
 
@@ -98,7 +101,8 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     sgs_fx.set_scales(sgs, scales)
     hook = sgs_fx.transform(plain, scaling="hook", scales=scales)
     variants = {"plain": plain, "plain_again": copy.deepcopy(plain), "sgs": sgs, "sgs_hook": hook,
-                "sgs_per_use": per_use_copy(hook), "official": copy.deepcopy(plain)}
+                "sgs_per_use": per_use_copy(hook), "official": copy.deepcopy(plain),
+                "multiply_floor": copy.deepcopy(plain)}
     if branches:
         variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")
     if compile_:
@@ -113,15 +117,22 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     official = variants["official"]
     pairs = [(official.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
     official._sgs_official = pairs
+    floor = variants["multiply_floor"]
+    floor._sgs_floor = [(floor.get_submodule(n).weight,
+                         s.to(st.device).expand_as(floor.get_submodule(n).weight).contiguous())
+                        for n, s in sgs_fx.get_scales(sgs).items()]
     steps = {}
     for k, m in variants.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=st.cuda or None)
         fwd = torch.compile(m) if k.endswith("_compiled") else m
-        steps[k] = _make_step(fwd, opt, st, getattr(m, "_sgs_official", None))
+        steps[k] = _make_step(fwd, opt, st, getattr(m, "_sgs_official", None), getattr(m, "_sgs_floor", None))
     return variants, steps
 
 
-def _make_step(fwd, opt, st: Setting, official_pairs):
+def _make_step(fwd, opt, st: Setting, official_pairs=None, floor_pairs=None):
+    floor_weights = [w for w, _ in floor_pairs] if floor_pairs else None
+    floor_scales = [s for _, s in floor_pairs] if floor_pairs else None
+
     def step(x, y):
         opt.zero_grad(set_to_none=True)
         with st.autocast:
@@ -130,6 +141,8 @@ def _make_step(fwd, opt, st: Setting, official_pairs):
         if official_pairs is not None:
             grads = [w.grad for w, _ in official_pairs]
             torch._foreach_mul_(grads, [s.expand_as(g) for (_, s), g in zip(official_pairs, grads)])
+        if floor_weights is not None:
+            torch._foreach_mul_([w.grad for w in floor_weights], floor_scales)
         opt.step()
     return step
 

@@ -43,6 +43,7 @@ import sgs_fx
 
 from .data import Cifar10, apply_augmentation, draw_augmentation, to_float
 from .models import build_model
+from .recipe import Recipe
 
 logger = logging.getLogger("sgs_fx")
 
@@ -50,31 +51,17 @@ ARMS = ("baseline", "sgs", "acb_fixed", "acb_branches")
 
 
 @dataclass
-class FastRecipe:
+class FastRecipe(Recipe):
     """One run of the recipe. ``None`` device options mean: on for CUDA, off elsewhere."""
 
     arm: str = "baseline"  # one of ARMS
-    model: str = "vgg11_bn"
-    width: float = 1.0
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    min_lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     crop_pad: int = 4
     cutout: int = 16
-    k: float = 5  # MI scheduler (arm "sgs"), spec §4.2
-    every: int = 5
-    warmup: int = 1
-    mi_batches: int = 2
-    seed: int = 0
     capture: bool | None = None  # one CUDA graph of the step
     bf16: bool | None = None  # bf16 autocast of forward and backward
     channels_last: bool | None = None
     warmup_steps: int = 3  # eager steps before the capture
     compile: bool = False  # torch.compile the model's forward and backward (fused kernels) inside the captured step
-    max_steps_per_epoch: int | None = None  # smoke runs
 
     def __post_init__(self):
         if self.arm not in ARMS:

@@ -24,39 +24,26 @@ import sgs_fx
 
 from .data import Cifar10, augment, load_cifar10, synthetic_cifar, to_float
 from .models import build_model
+from .recipe import Recipe
 
 logger = logging.getLogger("sgs_fx")
 
 
 @dataclass
-class TrainConfig:
-    model: str = "vgg11_bn"
-    width: float = 1.0
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    min_lr: float = 1e-6
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+class TrainConfig(Recipe):
     scales: str = "mi"  # "mi" (SGS, MI-driven), "none" (baseline), "acb" / "repvgg" / "skeleton" (fixed S)
     mode: str = "sgs"  # "sgs" or "branches" (real multi-branch blocks for the recipe in `scales`)
     scaling: str = "step"  # when SGS scales the gradients: "step" or "hook" (sgs_fx.transform's `scaling`)
-    k: float = 5
-    every: int = 5
-    warmup: int = 1
-    mi_batches: int = 2
     zero_removal: bool = False
     cutout: int = 0
     subset: int | None = None
     data: str = "cifar10"  # or "synthetic" (smoke tests)
     data_dir: str | None = None
-    seed: int = 0
     out: str = "runs/default"
     device: str = "auto"
     export: bool = True
     plots: bool = True
     progress: bool = True
-    max_steps_per_epoch: int | None = None  # smoke runs
     qat_epoch: int | None = None  # from this epoch (0-based) on: fake-quant INT8 training (QAT); None: float
     weight_bits: int = 7  # QAT weights: 7 (onnxruntime-exact on every x86 CPU) or 8 (VNNI / ARM)
 

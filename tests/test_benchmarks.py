@@ -60,7 +60,7 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
     _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
          "--warmup", "1", "--json", str(tmp_path / "o.json"))
     res = json.loads((tmp_path / "o.json").read_text())["results"]["vgg11_bn"]
-    assert {"plain", "plain_again", "sgs", "sgs_hook", "sgs_per_use", "official"} <= set(res)
+    assert {"plain", "plain_again", "sgs", "sgs_hook", "sgs_per_use", "official", "multiply_floor"} <= set(res)
     assert res["setting"]["threads"] == 1
     _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
          "--warmup", "1", "--variants", "sgs_hook", "--json", str(tmp_path / "v.json"))
