@@ -27,8 +27,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="branches: train real multi-branch blocks for --recipe (the structural baseline)")
     p.add_argument("--recipe", choices=["acb", "repvgg", "skeleton"], help="with --mode branches (sets --scales)")
     p.add_argument("--scaling", choices=["step", "hook"], default=d.scaling,
-                   help="when SGS scales the weight gradients: at the optimizer's step (default, plain cost) or in "
-                        "the backward pass (a gradient hook)")
+                   help="when SGS scales the weight gradients: at the optimizer's step (default) or in the backward "
+                        "pass (a gradient hook)")
     p.add_argument("--k", type=float, default=d.k)
     p.add_argument("--every", type=int, default=d.every)
     p.add_argument("--warmup", type=int, default=d.warmup)

@@ -11,7 +11,7 @@ import warnings
 import weakref
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 logger = logging.getLogger("sgs_fx")
 
@@ -36,10 +36,6 @@ _MARK = "_sgs_scaled"
 # compares it to tell a change (which rebuilds the optimizers' cached lists) from a re-attachment (which does not)
 STEP_MARK = "_sgs_at_step"
 _WARNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
-# On a Parameter of the model handed to transform (not inplace): (weakref to the copy's module, attribute name) of
-# the weight that replaced it in the returned copy. An optimizer built before transform holds these.
-COPIED_TO = "_sgs_copied_to"
-_WARNED_STALE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
 _state = {"generation": 0, "any": False}
 
 
@@ -86,43 +82,58 @@ def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def remember_copies(source, copy) -> None:
-    """Mark each Parameter of ``source`` whose counterpart in the transformed ``copy`` is an SGS weight.
 
-    By module and attribute name, not a weak reference to the copy's Parameter: ``torch.utils.swap_tensors``
-    refuses tensors that have weakrefs.
-    """
+# A conv module of a model that transform copied (not inplace) -> {parameter name: weak references to the
+# modules of the copies whose SGS weight replaced it}. Kept here, not on the Parameters: a mark holding a weak
+# reference would make the original model unpicklable, and torch.utils.swap_tensors refuses tensors with weakrefs.
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, list[weakref.ref]]]" = weakref.WeakKeyDictionary()
+
+
+def remember_copies(source: nn.Module, copy: nn.Module) -> None:
+    """Record which Parameters of ``source`` the transformed ``copy`` replaced with SGS weights."""
     for mname, mod in copy.named_modules():
         for pname, p in mod._parameters.items():
             if p is None or not p.__dict__.get(_MARK):
                 continue
             try:
-                src = source.get_submodule(mname)._parameters.get(pname) if mname else source._parameters.get(pname)
+                owner = source.get_submodule(mname)
             except AttributeError:
                 continue
+            src = owner._parameters.get(pname)
             if src is not None and src is not p:
-                src.__dict__[COPIED_TO] = (weakref.ref(mod), pname)
+                _COPIES.setdefault(owner, {}).setdefault(pname, []).append(weakref.ref(mod))
 
 
-def warn_if_stale(optimizer: torch.optim.Optimizer, stepped: set[int]) -> None:
-    """Once per optimizer: it steps the Parameters of a model that ``transform`` copied, without gradients, while
-    the copy's weights have them: the optimizer was built before transform and trains nothing the copy uses."""
-    if optimizer in _WARNED_STALE:
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            copied = p.__dict__.get(COPIED_TO)
-            if copied is None or p.grad is not None:
+def copied_params(optimizer: torch.optim.Optimizer, ids: set[int]) -> list[tuple[Tensor, nn.Module, str]]:
+    """(Parameter, its module, its name) for each Parameter of ``optimizer`` (``ids``) that transform copied."""
+    out = []
+    for owner, names in list(_COPIES.items()):
+        for pname in names:
+            p = owner._parameters.get(pname)
+            if p is not None and id(p) in ids:
+                out.append((p, owner, pname))
+    return out
+
+
+def stale_verdict(optimizer: torch.optim.Optimizer, copied: list, ids: set[int]) -> bool:
+    """At a step of an optimizer holding Parameters that transform copied: warn if the copies have gradients and
+    these have none (the optimizer was built before transform and trains nothing the copy uses). True once
+    decided: warned, or these Parameters have gradients (the original model is trained, e.g. a baseline)."""
+    if any(p.grad is not None for p, _, _ in copied):
+        return True
+    for p, owner, pname in copied:
+        for ref in _COPIES.get(owner, {}).get(pname, ()):
+            mod = ref()
+            twin = mod._parameters.get(pname) if mod is not None else None
+            if twin is None or twin.grad is None or id(twin) in ids:
                 continue
-            mod = copied[0]()
-            twin = mod._parameters.get(copied[1]) if mod is not None else None
-            if twin is None or twin.grad is None or id(twin) in stepped:
-                continue
-            _WARNED_STALE[optimizer] = True
+            for _, o, _ in copied:  # once for these models (a Lookahead's inner optimizer holds the same ones)
+                _COPIES.pop(o, None)
             warnings.warn(
                 f"sgs_fx: {type(optimizer).__name__} steps the parameters of the model that was passed to "
                 "sgs_fx.transform, but the gradients were computed on the transformed copy it returned (its "
-                f"{type(mod).__name__}.{copied[1]} has a gradient; the optimizer's parameter has none), so this step "
+                f"{type(mod).__name__}.{pname} has a gradient; the optimizer's parameter has none), so this step "
                 "updates nothing the copy uses. Build the optimizer after transform: model = sgs_fx.transform(model), "
                 "then optimizer = ...(model.parameters()); or transform with inplace=True.", stacklevel=5)
-            return
+            return True
+    return False

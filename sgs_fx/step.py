@@ -66,29 +66,34 @@ def _signature(opt: torch.optim.Optimizer) -> tuple:
             id(last["params"]), len(last["params"]))
 
 
-def _step_convs(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
-    """(Parameter, conv) for each weight of ``opt`` whose gradient only a step scales (cached)."""
+def _step_convs(opt: torch.optim.Optimizer) -> tuple[list[tuple[Tensor, nn.Module]], list]:
+    """(Parameter, conv) for each weight of ``opt`` whose gradient only a step scales, and the pending check of
+    Parameters that transform copied (``optimizers.stale_verdict``; emptied once decided). Cached."""
     sig = _signature(opt)
     cached = _CACHE.get(opt)
     if cached is not None and cached[0] == sig:
-        return cached[1]
+        return cached[1], cached[2]
     found = []
-    sgs_weights: set[int] = set()
+    ids = {id(p) for group in opt.param_groups for p in group["params"]}
     for group in opt.param_groups:
         for p in group["params"]:
             # by identity, not by the mark on p: torch.utils.swap_tensors (to() under swapped tensors) swaps the
             # Parameters' __dict__ too, and an F.conv call's S holder cannot re-mark its owner's parameter then
             if id(p) not in _OWNERS and id(p) not in _SHARDED_OWNERS:
                 continue
-            sgs_weights.add(id(p))
             conv = _owner(p)
             if conv is not None and scales_at_step(conv):
                 found.append((p, conv))
-    _CACHE[opt] = (sig, found)
-    # (once per optimizer; checked when its weights are listed: at its first step, after the first backward)
-    optimizers.warn_if_adaptive(opt)
-    optimizers.warn_if_stale(opt, sgs_weights)
-    return found
+    copied = optimizers.copied_params(opt, ids)
+    check = [copied, ids] if copied else []
+    _CACHE[opt] = (sig, found, check)
+    optimizers.warn_if_adaptive(opt)  # (once per optimizer; checked when its weights are listed)
+    return found, check
+
+
+def _check_copies(opt: torch.optim.Optimizer, check: list) -> None:
+    if optimizers.stale_verdict(opt, *check):
+        check.clear()
 
 
 def _owner(p: Tensor) -> nn.Module | None:
@@ -189,7 +194,7 @@ _NOTHING: frozenset = frozenset()
 def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     if not optimizers.any_marked():
         return None
-    pairs = _step_convs(opt)
+    pairs, check = _step_convs(opt)
     compiling = torch.compiler.is_compiling()  # (no frames under torch.compile: it cannot trace sys._getframe)
     if _ACTIVE and not compiling:  # nested (or left behind by a step that raised: dropped)
         _drop_finished_steps()
@@ -197,17 +202,23 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     again = any(e[0]() is opt for e in _ACTIVE)
     entry = (weakref.ref(opt), set(), None if compiling else sys._getframe(1))
     _ACTIVE.append(entry)
-    if not pairs or again:
+    if not (pairs or check) or again:
         return None
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if not callable(closure):  # no closure (or an optimizer whose step takes something else first)
-        entry[1].update(_scale(pairs, _in_outer_step()))
+        if pairs:
+            entry[1].update(_scale(pairs, _in_outer_step()))
+        if check and not compiling:
+            _check_copies(opt, check)
         return None
 
     def closure_then_scale():
         loss = closure()
-        entry[1].update(_scale(pairs, _in_outer_step()))  # (each call computes new gradients: scale them all)
+        if pairs:
+            entry[1].update(_scale(pairs, _in_outer_step()))  # (each call computes new gradients: scale them all)
+        if check and not torch.compiler.is_compiling():
+            _check_copies(opt, check)
         return loss
 
     if len(args) > 1:

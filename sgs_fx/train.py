@@ -106,6 +106,24 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--out {cfg.out}: not writable ({exc.strerror}); choose another directory") from exc
 
 
+# settings a resumed run may change: where it writes and runs, and what it reports
+_FREE_ON_RESUME = ("out", "device", "progress", "plots", "export", "data_dir")
+
+
+def _check_same_run(cfg: TrainConfig, out: Path) -> None:
+    """``--resume`` continues exactly the run that ``out`` holds: a changed recipe would not (the lr schedule, the
+    data, the S schedule are functions of the settings), so it is refused with the settings that differ."""
+    path = out / "config.json"
+    if not path.exists():
+        return
+    saved, now = json.loads(path.read_text()), asdict(cfg)
+    differ = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
+              if k in saved and k not in _FREE_ON_RESUME and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"--resume: the run in {out} was started with {', '.join(differ)}; resume it with the same "
+                         "settings, or train into a new --out")
+
+
 class EpochBatches:
     """The training batches of one epoch: a fixed shuffle (DistributedSampler) and seeded augmentation.
 
@@ -206,6 +224,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        _check_same_run(cfg, out)
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         start = state["epoch"] + 1
         if cfg.qat_epoch is not None and start > cfg.qat_epoch:  # the checkpoint holds the fake-quant model

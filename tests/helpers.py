@@ -111,6 +111,9 @@ class gloo_group:
     A loaded CI machine slows ranks unevenly: the generous timeout waits for the slower rank, and the barrier
     before ``destroy_process_group`` keeps a rank from exiting (and tearing gloo's threads down, SIGABRT) while the
     other is still talking to it.
+
+    A worker that completes the block leaves the process at its end (``os._exit(0)``, see ``__exit__``): everything
+    the worker does, its results written included, belongs inside the block.
     """
 
     def __init__(self, rank: int, world: int, init_file: str, timeout_s: float = 600):

@@ -497,45 +497,97 @@ def test_an_optimizer_outside_torch_optim_warns():
         sgs(X).pow(2).sum().backward()
 
 
-@pytest.mark.parametrize("scaling", ["step", "hook"])
-def test_an_optimizer_built_before_transform_warns_once_and_names_the_fix(scaling):
+class _Lookahead(torch.optim.Optimizer):
+    """A wrapper that shares its base optimizer's param groups and steps it (timm's Lookahead does so)."""
+
+    def __init__(self, base):
+        self.base = base
+        super().__init__([{"params": g["params"]} for g in base.param_groups], {})
+        self.param_groups = base.param_groups
+
+    def step(self, closure=None):
+        return self.base.step(closure)
+
+
+def _stale_warnings(caught):
+    return [w for w in caught if "Build the optimizer after transform" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", ["plain", "hook", "lbfgs_closure", "a_step_before_any_backward", "two_copies",
+                                  "swapped_original", "lookahead"])
+def test_an_optimizer_built_before_transform_warns_once_and_names_the_fix(case):
     model = net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the user's mistake: built on the model transform copies
-    sgs = sgs_fx.transform(model, scaling=scaling)
+    opt = (torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2) if case == "lbfgs_closure"
+           else torch.optim.SGD(model.parameters(), lr=0.1))  # the mistake: built on the model transform copies
+    if case == "lookahead":
+        opt = _Lookahead(opt)
+    sgs = sgs_fx.transform(model, scaling="hook" if case == "hook" else "step")
+    if case == "two_copies":  # a second copy (another arm) must not hide the first one's mistake
+        other = sgs_fx.transform(model)
+    if case == "swapped_original":  # swap_tensors keeps the Parameter objects, and empties their __dict__
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to(torch.float64)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+    if case == "a_step_before_any_backward":
+        opt.step()  # e.g. to initialise state: nothing to decide yet
     before = {n: p.detach().clone() for n, p in sgs.named_parameters()}
-    with pytest.warns(UserWarning, match=r"Build the optimizer after transform.*inplace=True") as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for _ in range(2):
-            opt.zero_grad()
-            sgs(X).pow(2).sum().backward()
-            opt.step()
-    assert len([w for w in caught if "Build the optimizer" in str(w.message)]) == 1
-    assert caught[0].filename == __file__  # points at the user's step
+            def closure():
+                opt.zero_grad()
+                loss = sgs(X).pow(2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure) if case == "lbfgs_closure" else (closure(), opt.step())
+    stale = _stale_warnings(caught)
+    assert len(stale) == 1, [str(w.message) for w in caught]
+    if case not in ("lbfgs_closure", "lookahead"):
+        assert stale[0].filename == __file__  # points at the user's step
     assert all(torch.equal(p, before[n]) for n, p in sgs.named_parameters())  # what the warning is about
 
 
-@pytest.mark.parametrize("case", ["built_after", "inplace", "the_original_trained_beside_a_copy", "holds_both"])
+@pytest.mark.parametrize("case", ["built_after", "inplace", "the_original_trained_beside_a_copy", "holds_both",
+                                  "baseline_skipping_a_conv", "baseline_with_a_frozen_conv"])
 def test_no_stale_optimizer_warning_where_the_optimizer_trains_what_ran(case):
     model = net()
+    run = model
     if case == "built_after":
-        sgs = sgs_fx.transform(model)
-        opt = torch.optim.SGD(sgs.parameters(), lr=0.1)
+        run = sgs_fx.transform(model)
+        opt = torch.optim.SGD(run.parameters(), lr=0.1)
     elif case == "inplace":
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sgs = sgs_fx.transform(model, inplace=True)
+        run = sgs_fx.transform(model, inplace=True)
     elif case == "holds_both":  # the copy's weights are stepped too
-        sgs = sgs_fx.transform(model)
-        opt = torch.optim.SGD([*model.parameters(), *sgs.parameters()], lr=0.1)
-    else:  # a baseline trained with its own optimizer while a transformed copy (with gradients) is around
+        run = sgs_fx.transform(model)
+        opt = torch.optim.SGD([*model.parameters(), *run.parameters()], lr=0.1)
+    else:  # a baseline trained with its own optimizer after its transformed copy was (the copy keeps gradients)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         copy_ = sgs_fx.transform(model)
         copy_(X).pow(2).sum().backward()
-        sgs = model
+        if case == "baseline_with_a_frozen_conv":
+            model[0].weight.requires_grad_(False)
+        if case == "baseline_skipping_a_conv":  # a layer-drop step: the first conv gets no gradient
+            run = lambda x: model[4](model[3](model[2](x.repeat(1, 2, 1, 1))))  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
             opt.zero_grad()
-            sgs(X).pow(2).sum().backward()
+            run(X).pow(2).sum().backward()
             opt.step()
+
+
+def test_the_original_model_stays_picklable_after_transform():
+    import io
+    import pickle
+
+    model = net()
+    sgs_fx.transform(model)
+    pickle.dumps(model)
+    torch.save(model, io.BytesIO())
 
 
 @pytest.mark.parametrize("case", ["plain_loop", "zero_grad_in_place", "scale_gradients_then_hand_update",

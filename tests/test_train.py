@@ -84,6 +84,12 @@ def test_bad_input(tmp_path, capsys):
     assert "needs a recipe" in capsys.readouterr().err
     assert main(["train", "--data", "synthetic", "--resume", "--out", str(tmp_path / "z")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    run = ["train", "--data", "synthetic", "--width", "0.0625", "--max-steps-per-epoch", "1", "--no-export",
+           "--no-plots", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*run, "--epochs", "1"]) == 0
+    # a longer schedule is another run: its lr at epoch 1 differs from the finished run's
+    assert main([*run, "--epochs", "2", "--resume"]) == 2
+    assert "started with epochs=1 (now 2)" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
