@@ -185,20 +185,21 @@ def test_lbfgs_with_sgs_equals_lbfgs_with_S_applied_by_hand():
     assert not torch.equal(got["0.weight"], run(net(), False)["0.weight"])  # S changed the trajectory
 
 
+class _Lookahead(torch.optim.Optimizer):
+    """A wrapper that shares its base optimizer's param groups and steps it (timm's Lookahead does so)."""
+
+    def __init__(self, base):
+        self.base = base
+        super().__init__([{"params": g["params"]} for g in base.param_groups], {})
+        self.param_groups = base.param_groups
+
+    def step(self, closure=None):
+        return self.base.step(closure)
+
+
 def test_an_optimizer_stepping_inside_another_does_not_scale_again():
-    class Lookahead(torch.optim.Optimizer):
-        """A wrapper that shares its base optimizer's param groups and steps it (timm's Lookahead does so)."""
-
-        def __init__(self, base):
-            self.base = base
-            super().__init__([{"params": g["params"]} for g in base.param_groups], {})
-            self.param_groups = base.param_groups
-
-        def step(self, closure=None):
-            return self.base.step(closure)
-
     sgs, opt, scales = stepped()
-    wrapped = Lookahead(opt)
+    wrapped = _Lookahead(opt)
     want = scaled_grads(plain_grads(net(), X), scales)
     for _ in range(2):
         assert_equal_grads(step_grads(sgs, wrapped, X), want)
@@ -497,18 +498,6 @@ def test_an_optimizer_outside_torch_optim_warns():
         sgs(X).pow(2).sum().backward()
 
 
-class _Lookahead(torch.optim.Optimizer):
-    """A wrapper that shares its base optimizer's param groups and steps it (timm's Lookahead does so)."""
-
-    def __init__(self, base):
-        self.base = base
-        super().__init__([{"params": g["params"]} for g in base.param_groups], {})
-        self.param_groups = base.param_groups
-
-    def step(self, closure=None):
-        return self.base.step(closure)
-
-
 def _stale_warnings(caught):
     return [w for w in caught if "Build the optimizer after transform" in str(w.message)]
 
@@ -545,6 +534,8 @@ def test_an_optimizer_built_before_transform_warns_once_and_names_the_fix(case):
             opt.step(closure) if case == "lbfgs_closure" else (closure(), opt.step())
     stale = _stale_warnings(caught)
     assert len(stale) == 1, [str(w.message) for w in caught]
+    if case == "two_copies":
+        assert all(p.grad is None for p in other.parameters())  # (alive, untouched)
     if case not in ("lbfgs_closure", "lookahead"):
         assert stale[0].filename == __file__  # points at the user's step
     assert all(torch.equal(p, before[n]) for n, p in sgs.named_parameters())  # what the warning is about
