@@ -1,4 +1,5 @@
-"""Marks on the Parameters whose gradient SGS scales, and one warning when an adaptive optimizer steps them.
+"""Marks on the Parameters whose gradient SGS scales; one warning when an adaptive optimizer steps them, and one
+when an optimizer steps the Parameters of a model that ``transform`` copied (built before transform).
 
 SGS is defined for SGD (plain, momentum, Nesterov, coupled L2). Adam-family optimizers divide each coordinate by
 its own second moment and almost cancel a fixed per-element gradient factor (spec §1.5): sgs_fx warns once per
@@ -80,7 +81,6 @@ def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",
             type(optimizer).__name__,
         )
-
 
 
 # A conv module of a model that transform copied (not inplace) -> {parameter name: weak references to the
