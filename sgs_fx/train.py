@@ -110,15 +110,23 @@ def _validate(cfg: TrainConfig) -> None:
 _FREE_ON_RESUME = ("out", "device", "progress", "plots", "export", "data_dir")
 
 
-def _check_same_run(cfg: TrainConfig, out: Path) -> None:
+def _check_same_run(cfg: TrainConfig, out: Path, start: int) -> None:
     """``--resume`` continues exactly the run that ``out`` holds: a changed recipe would not (the lr schedule, the
-    data, the S schedule are functions of the settings), so it is refused with the settings that differ."""
+    data, the S schedule are functions of the settings), so it is refused with the settings that differ. One
+    change keeps the epochs done so far as they were: a QAT switch (``qat_epoch``) at or after ``start`` (a float
+    run branched into fake-quant training)."""
     path = out / "config.json"
     if not path.exists():
         return
     saved, now = json.loads(path.read_text()), asdict(cfg)
+
+    def compatible(k):
+        if k == "qat_epoch":
+            return all(e is None or e >= start for e in (saved[k], now[k]))
+        return False
+
     differ = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in now
-              if k in saved and k not in _FREE_ON_RESUME and saved[k] != now[k]]
+              if k in saved and k not in _FREE_ON_RESUME and saved[k] != now[k] and not compatible(k)]
     if differ:
         raise ValueError(f"--resume: the run in {out} was started with {', '.join(differ)}; resume it with the same "
                          "settings, or train into a new --out")
@@ -224,9 +232,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        _check_same_run(cfg, out)
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         start = state["epoch"] + 1
+        _check_same_run(cfg, out, start)
         if cfg.qat_epoch is not None and start > cfg.qat_epoch:  # the checkpoint holds the fake-quant model
             core, opt, sched_lr = to_qat(core, opt, sched_lr, cfg, device)
     model, mi = _wrap(core, cfg, d, device)
@@ -240,9 +248,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
         if d.main:
             logger.info("resumed from %s at epoch %d", ckpt_path, start)
     metrics_path = out / "metrics.jsonl"
-    if d.main and not resume:
-        metrics_path.write_text("")
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if d.main:
+        if not resume:
+            metrics_path.write_text("")
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))  # (resumed: a later QAT switch, a new out)
     for epoch in range(start, cfg.epochs if stop_at is None else min(stop_at, cfg.epochs)):
         if epoch == cfg.qat_epoch:
             mi_state = mi.state_dict() if mi is not None else None

@@ -90,6 +90,8 @@ def test_bad_input(tmp_path, capsys):
     # a longer schedule is another run: its lr at epoch 1 differs from the finished run's
     assert main([*run, "--epochs", "2", "--resume"]) == 2
     assert "started with epochs=1 (now 2)" in capsys.readouterr().err
+    assert main([*run, "--epochs", "1", "--qat", "0", "--resume"]) == 2  # epoch 0 was trained in float
+    assert "started with qat_epoch=None (now 0)" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
