@@ -118,9 +118,8 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     pairs = [(official.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
     official._sgs_official = pairs
     floor = variants["multiply_floor"]
-    floor._sgs_floor = [(floor.get_submodule(n).weight,
-                         s.to(st.device).expand_as(floor.get_submodule(n).weight).contiguous())
-                        for n, s in sgs_fx.get_scales(sgs).items()]
+    floor._sgs_floor = [(w, torch.empty_like(w, dtype=s.dtype).copy_(s.expand_as(w)))  # (w's strides)
+                        for w, s in ((floor.get_submodule(n).weight, s) for n, s in sgs_fx.get_scales(sgs).items())]
     steps = {}
     for k, m in variants.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=st.cuda or None)

@@ -110,14 +110,16 @@ def _owner(p: Tensor) -> nn.Module | None:
 
 
 def _full_scale(conv: nn.Module, g: Tensor) -> Tensor:
-    """S broadcast to the gradient's shape, materialised and cached until S changes: ``_foreach_mul_`` then takes
-    its fused path (one kernel for every conv on a GPU; broadcasting would cost one op per conv). Its memory is
+    """S broadcast to the gradient's shape and strides, materialised and cached until S changes: ``_foreach_mul_``
+    then takes its fused path, which needs equal sizes and strides (one kernel for every conv on a GPU;
+    broadcasting, or a channels_last gradient beside a contiguous S, costs one kernel per conv). Its memory is
     that of the conv's weight."""
     s = conv._buffers[SCALE_BUFFER]
     cached = conv.__dict__.get("_sgs_full")
-    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape:
+    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape and \
+            cached[2].stride() == g.stride():
         return cached[2]
-    full = s.to(g.device).expand(g.shape).contiguous()
+    full = torch.empty_like(g, dtype=s.dtype).copy_(s.to(g.device).expand(g.shape))  # (empty_like keeps the strides)
     conv.__dict__["_sgs_full"] = (s, s._version, full)
     return full
 

@@ -399,6 +399,19 @@ def test_half_precision_gradient_is_multiplied_by_float32_S_and_rounded_once():
         assert torch.equal(got[w], (ref[w].float() * scales[conv].float()).to(torch.bfloat16)), w
 
 
+def test_a_channels_last_gradient_is_multiplied_by_S_with_its_own_strides():
+    # a GPU's fused foreach multiply needs equal sizes and strides: a contiguous S beside channels_last gradients
+    # would cost one kernel per conv
+    sgs = sgs_fx.transform(net()).to(memory_format=torch.channels_last)
+    scales = scaled(sgs)
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
+    got = step_grads(sgs, opt, X)
+    assert_equal_grads(got, scaled_grads(plain_grads(net().to(memory_format=torch.channels_last), X), scales))
+    for name, conv in sgs_fx.instrumented(sgs).items():
+        assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last), name
+        assert conv.__dict__["_sgs_full"][2].stride() == conv.weight.grad.stride(), name
+
+
 def test_data_parallel_replicas_leave_the_scaling_to_the_step(monkeypatch):
     from test_wrappers import _cpu_replicate
 
