@@ -24,7 +24,8 @@ spatial; shards split the channels).
   official code also clipped before scaling). ``scaling="hook"`` scales in the backward pass instead.
 * S is never lost unseen: a weight that changes between two training forwards while no step (and no
   ``scale_gradients``) applied S — a hand-written update, an optimizer outside torch.optim — gets one warning
-  naming the way out (see ``ops._check_update``).
+  naming the way out (see ``ops._check_update``). So does an optimizer built on the model before ``transform``
+  copied it: it steps Parameters the copy does not use (``optimizers.stale_verdict``).
 """
 from __future__ import annotations
 
