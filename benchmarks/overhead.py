@@ -9,9 +9,12 @@ Variants (each its own copy of the same initial model, SGD momentum):
   sgs_per_use        the same, forced to scale per use (the autograd function of sgs_fx 0.1)
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
                      backward (what the official implementation does)
-  multiply_floor     the plain model, then the multiply "sgs" makes at the step (one ``_foreach_mul_`` by S
-                     materialised to each gradient's shape) with none of its bookkeeping: sgs / multiply_floor
-                     is what sgs_fx's Python adds, multiply_floor / plain the arithmetic any exact scaling costs
+  multiply_floor     the plain model, then the multiply "sgs" makes at the step on a CPU (one ``_foreach_mul_``
+                     of the gradients by S, broadcast) with none of its bookkeeping: sgs / multiply_floor is what
+                     sgs_fx's Python adds, multiply_floor / plain the arithmetic any exact scaling costs
+  flag_hook_c        the plain model with a post-accumulate-grad hook on each SGS conv's weight that is a C
+                     method (a set's ``add``): the cost of knowing, from torch's own event, that a gradient arrived
+  flag_hook_py       the same with a Python function as the hook (sets a flag, reads the weight's version)
   branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
   *_compiled         torch.compile'd plain / sgs / sgs_hook (with --compile)
 
@@ -102,7 +105,8 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     hook = sgs_fx.transform(plain, scaling="hook", scales=scales)
     variants = {"plain": plain, "plain_again": copy.deepcopy(plain), "sgs": sgs, "sgs_hook": hook,
                 "sgs_per_use": per_use_copy(hook), "official": copy.deepcopy(plain),
-                "multiply_floor": copy.deepcopy(plain)}
+                "multiply_floor": copy.deepcopy(plain), "flag_hook_c": copy.deepcopy(plain),
+                "flag_hook_py": copy.deepcopy(plain)}
     if branches:
         variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")
     if compile_:
@@ -118,14 +122,35 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     pairs = [(official.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
     official._sgs_official = pairs
     floor = variants["multiply_floor"]
-    floor._sgs_floor = [(w, torch.empty_like(w, dtype=s.dtype).copy_(s.expand_as(w)))  # (w's strides)
-                        for w, s in ((floor.get_submodule(n).weight, s) for n, s in sgs_fx.get_scales(sgs).items())]
+    floor._sgs_floor = [(floor.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
+    for k in ("flag_hook_c", "flag_hook_py"):
+        _add_flag_hooks(variants[k], list(sgs_fx.get_scales(sgs)), python=k.endswith("py"))
     steps = {}
     for k, m in variants.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=st.cuda or None)
         fwd = torch.compile(m) if k.endswith("_compiled") else m
         steps[k] = _make_step(fwd, opt, st, getattr(m, "_sgs_official", None), getattr(m, "_sgs_floor", None))
     return variants, steps
+
+
+class _Flag:
+    """What a flag-only hook does: note that a gradient arrived, and whether the weight changed since the last one
+    while that one was pending (the lost-S check). Nothing clears the flag here, so the check's branch runs."""
+    __slots__ = ("pending", "version", "changed")
+
+    def __init__(self):
+        self.pending, self.version, self.changed = False, 0, 0
+
+    def __call__(self, p):
+        if self.pending and p._version != self.version:
+            self.changed += 1
+        self.pending, self.version = True, p._version
+
+
+def _add_flag_hooks(model, names, python: bool) -> None:
+    for n in names:
+        w = model.get_submodule(n).weight
+        w.register_post_accumulate_grad_hook(_Flag() if python else set().add)
 
 
 def _make_step(fwd, opt, st: Setting, official_pairs=None, floor_pairs=None):

@@ -1,9 +1,11 @@
-"""The SGS mechanism on the conv side: the instrumented conv classes, and the gradient hook of ``scaling="hook"``.
+"""The SGS mechanism on the conv side: the instrumented conv classes, and the gradient hooks on their weights.
 
-Under ``scaling="step"`` (the default) a conv carries no hook and no graph op: any torch.optim optimizer's step
-multiplies its weight's ``.grad`` by S (``sgs_fx/step.py``). The conv only marks its weight Parameter for the
-step to find, and, at each eager training forward, checks that a weight which changed since its last forward
-had S applied to its gradient by a step (``_check_update``): otherwise S was lost, and one warning says so.
+Under ``scaling="step"`` (the default) a conv's weight carries a hook that does not touch the gradient: it records,
+in the conv's ``GradState``, that autograd computed a gradient for the weight (``pending``). Any torch.optim
+optimizer's step then multiplies the ``.grad`` of every weight with a pending gradient by S and clears the record
+(``sgs_fx/step.py``). The record is written by torch's own event — the weight's tensor hook, which the autograd
+engine runs for every gradient it computes for that Parameter — never inferred from marks, caches or version
+counters, so it cannot go stale. See docs/scaling.md.
 
 Under ``scaling="hook"``, SGS multiplies the gradient of a conv's weight element-wise by the spatial matrix S (spec §1). sgs_fx does
 it with a tensor hook on the weight Parameter the conv actually uses: the hook runs in the backward pass,
@@ -41,15 +43,13 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling as _compiling
 from torch.fx import Proxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
-from .optimizers import register_scaled, unregister_scaled
 
 __all__ = ["scale_grad", "SGSConvMixin", "SGSGraphWeight", "SGSConv1d", "SGSConv2d", "SGSConv3d", "sgs_class_for", "is_sgs_conv",
-           "attach_hook", "detach_hook", "scale_dtype"]
+           "attach_hook", "detach_hook", "scale_dtype", "GradState", "grad_state", "stepped_tensor"]
 
 logger = logging.getLogger("sgs_fx")
 
@@ -102,19 +102,93 @@ class _HookState:
     ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have weakrefs.
     """
 
-    __slots__ = ("param", "scale", "handle", "hooked", "impl", "at_step", "version", "scaled")
+    __slots__ = ("param", "scale", "handle", "hooked", "impl", "at_step")
 
     def __init__(self, param, scale, handle, at_step=False):
         self.param, self.scale, self.handle = param, scale, handle
         # the weight's gradient is scaled without per-use work: by the hook, or (scaling="step") by the step
         self.hooked = handle is not None or at_step
         self.at_step = at_step
-        # scaling="step": the weight's version at its last training forward, and whether a step (or
-        # sgs_fx.scale_gradients) has applied S since then; see _check_update
-        self.version: int | None = None
-        self.scaled = False
         # torch.utils.swap_tensors keeps the Parameter object and gives it another C++ tensor, without the hook
         self.impl = param._cdata if param is not None else None
+
+
+class GradState:
+    """``scaling="step"``: what the optimizer's step needs to know about an SGS weight's ``.grad``.
+
+    Written only by events: the weight's tensor hook (autograd computed a gradient for it), the step and
+    ``sgs_fx.scale_gradients`` (S was applied). It lives on the conv for the conv's whole life — re-attaching the
+    hook to a new Parameter object (``to()``, ``load_state_dict(assign=True)``, FSDP2) keeps it — and travels with
+    its copies, whose ``.grad`` is copied too.
+
+    * ``pending``: a gradient arrived since S was last applied to ``.grad``; the next step multiplies it by S.
+    * ``prescaled``: ``scale_gradients`` applied S and no step of this weight has run since: the hook scales each
+      gradient as it arrives, so ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between.
+    * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
+      graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
+    * ``version``: the stepped tensor's version when ``pending`` was set, for the lost-S warning only.
+    """
+
+    __slots__ = ("pending", "prescaled", "replayed", "version")
+
+    def __init__(self):
+        self.pending = self.prescaled = self.replayed = False
+        self.version = 0
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k in self.__slots__:
+            setattr(self, k, state.get(k, getattr(GradState(), k)))
+
+
+def grad_state(conv: nn.Module) -> GradState:
+    """``conv``'s ``GradState`` (created on first use, then kept for the conv's life)."""
+    state = conv.__dict__.get("_sgs_grad")
+    if state is None:
+        state = conv.__dict__["_sgs_grad"] = GradState()
+    return state
+
+
+def stepped_tensor(conv: nn.Module) -> Tensor | None:
+    """The Parameter an optimizer steps for ``conv``'s weight: FSDP2's sharded parameter where there is one (the
+    conv holds the unsharded one from forward to the end of backward), else the hooked target."""
+    sharded = conv.__dict__.get("_sgs_sharded")
+    return sharded if sharded is not None else _target_of(conv)
+
+
+class _StepHook:
+    """``scaling="step"``'s tensor hook: notes each gradient in the conv's ``GradState`` and leaves it unchanged —
+    unless ``scale_gradients`` put the weight in the prescaled state, where it returns S ⊙ G.
+
+    Holds the conv weakly (a strong reference from the weight's hook back to its module would make a cycle through
+    the tensor) and reads S from it at each call, so a new S, however written, is the one used.
+    """
+
+    __slots__ = ("conv", "state")
+
+    def __init__(self, conv: nn.Module, state: GradState):
+        self.conv, self.state = weakref.ref(conv), state
+
+    def __call__(self, grad: Tensor):
+        state = self.state
+        conv = self.conv()
+        if conv is None:
+            return None
+        if state.prescaled:
+            return _mul_cast(conv._buffers[SCALE_BUFFER], grad)
+        if _CUDA[0] and torch.cuda.is_current_stream_capturing():
+            state.replayed = True
+        w = stepped_tensor(conv)
+        version = w._version if w is not None else 0
+        if state.pending and version != state.version:
+            _warn_unscaled(conv)
+        state.pending, state.version = True, version
+        return None
+
+
+_CUDA = [torch.cuda.is_available()]
 
 
 def _tracing() -> bool:
@@ -215,13 +289,16 @@ def attach_hook(conv: nn.Module) -> None:
         functional = conv.__dict__.get("_sgs_functional", False)
         fn = s.mul if s.dtype == w.dtype and not functional else functools.partial(_mul_cast, s)
         if conv.__dict__.get("_sgs_step", False):
-            at_step = True  # no hook: any torch.optim optimizer's step scales .grad (sgs_fx/step.py)
-            if is_dtensor(w):  # FSDP2's sharded parameter, which the optimizer steps while the conv holds another
+            at_step = True  # the hook only records gradients: any torch.optim step scales .grad (sgs_fx/step.py)
+            fn = _StepHook(conv, grad_state(conv))
+            if is_dtensor(w):  # FSDP2's sharded parameter, which the optimizer steps while the conv holds another;
+                # autograd never computes its gradient (the unsharded parameter's hook records those)
                 conv.__dict__["_sgs_sharded"] = w
                 _SHARDED_OWNERS[id(w)] = weakref.ref(conv)
-        elif w.requires_grad:
+                fn = None
+        if fn is not None and w.requires_grad:
             handle = _register(w, fn)
-        elif w.grad_fn is None and not w.is_inference():
+        elif fn is not None and w.grad_fn is None and not w.is_inference():
             # A frozen weight may be unfrozen later (fine-tuning): the hook must already be there.
             w.requires_grad_(True)
             try:
@@ -233,7 +310,6 @@ def attach_hook(conv: nn.Module) -> None:
             _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _OWNERS.pop(key, None) if _OWNERS.get(key) is ref
                                        else None)
     conv.__dict__["_sgs_hook"] = _HookState(w, s, handle, at_step)
-    register_scaled(w, at_step=scales_at_step(conv))
 
 
 def scales_at_step(conv: nn.Module) -> bool:
@@ -272,31 +348,21 @@ def _warn_plain_tensor(conv: nn.Module) -> None:
             "for sharded training use FSDP2 (torch.distributed.fsdp.fully_shard).", stacklevel=5)
 
 
-def _check_update(conv: nn.Module, state: "_HookState", w: Tensor) -> None:
-    """``scaling="step"``, at an eager training forward whose weight changed since the last one: had a step (or
-    ``sgs_fx.scale_gradients``) applied S since then? If not, the weight was updated with an unscaled gradient
-    (a hand-written update, an optimizer outside torch.optim) and S was lost: one warning, naming the way out."""
+def _warn_unscaled(conv: nn.Module) -> None:
+    """``scaling="step"``: a gradient arrives while the last one is still pending (no step and no
+    ``scale_gradients`` applied S to it) and the weight changed in between: it was updated with the unscaled
+    gradient (a hand-written update, an optimizer outside torch.optim), and S was lost. One warning, naming the way
+    out. (Gradient accumulation, and steps that GradScaler skipped, leave the weight unchanged: no warning.)"""
     global _warned_unscaled
-    if not torch.is_grad_enabled() or not w.requires_grad or _tracing():
+    if _warned_unscaled:
         return
-    if state.version is not None and not state.scaled and not _warned_unscaled:
-        _warned_unscaled = True
-        warnings.warn(
-            f"sgs_fx: the weight of {type(conv).__name__} changed since its last forward, but no torch.optim "
-            "optimizer step applied S to its gradient. Under scaling='step' (the default) only a torch.optim "
-            "optimizer's step() applies S: before a hand-written update or another optimizer, call "
-            "sgs_fx.scale_gradients(model), or transform with scaling='hook' (S applied in the backward pass). "
-            "(If you changed the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=4)
-    state.version = w._version
-    state.scaled = False
-
-
-def _check_target(conv: nn.Module, target: Tensor | None) -> None:
-    """``_check_update`` for the forwards that find the trained tensor themselves (pruned, parametrized convs)."""
-    state = conv.__dict__.get("_sgs_hook")
-    if state is not None and state.at_step and target is not None and not _tracing() and \
-            target._version != state.version:
-        _check_update(conv, state, target)
+    _warned_unscaled = True
+    warnings.warn(
+        f"sgs_fx: the weight of {type(conv).__name__} changed while its last gradient was still unscaled: no "
+        "torch.optim optimizer step applied S to it. Under scaling='step' (the default) only a torch.optim "
+        "optimizer's step() applies S: before a hand-written update or another optimizer, call "
+        "sgs_fx.scale_gradients(model), or transform with scaling='hook' (S applied in the backward pass). "
+        "(If you changed the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=2)
 
 
 def _register(w: Tensor, fn) -> object:
@@ -325,12 +391,17 @@ def _keep_scale(conv: nn.Module, old: Tensor | None) -> None:
     """After ``to()`` / ``half()`` / ``to_empty()``: S in float32 at least, and valid after materialisation.
 
     ``half()`` would otherwise round S to fp16, and ``to_empty()`` of a model built on the meta device
-    would leave S as uninitialised memory; S then comes from the float64 copy ``set_scales`` keeps.
+    would leave S as uninitialised memory; S then comes from the float64 copy ``set_scales`` keeps. That copy is
+    also what a float32 S returns to under ``double()`` — where it still is the S in force (S written into the
+    buffer directly, not through ``set_scales``, keeps its own value).
     """
     new, w = conv._buffers.get(SCALE_BUFFER), _target_of(conv)
     if old is None or new is None or w is None or new.is_meta:
         return
-    source = conv.__dict__["_sgs_master"] if old.is_meta else old
+    master = conv.__dict__.get("_sgs_master")
+    source = old
+    if master is not None and (old.is_meta or torch.equal(master.to(old.dtype), old.detach().cpu())):
+        source = master
     conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
 
 
@@ -381,8 +452,6 @@ class SGSConvMixin:
         # The fast path: identity tests only (the hook, or the step's mark, is on this weight and this S).
         state = self.__dict__.get("_sgs_hook")
         if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
-            if state.at_step and not _compiling() and w._version != state.version:
-                _check_update(self, state, w)  # (a compiled forward skips it: its graph stays the plain model's)
             return w
         return self._sgs_weight_slow(w)
 
@@ -400,7 +469,6 @@ class SGSConvMixin:
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if not _tracing() and not _attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
-        _check_target(self, target)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
             w = self.weight
         if self.__dict__.get("_sgs_per_use", False):
@@ -415,11 +483,6 @@ class SGSConvMixin:
         state = self.__dict__.get("_sgs_hook")
         if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
             w = self._sgs_weight_slow(w)
-        elif state.at_step and not _compiling() and w._version != state.version:  # (compiled: the plain graph)
-            if state.scaled and torch.is_grad_enabled():  # the common case, inlined: a step applied S since
-                state.version, state.scaled = w._version, False
-            else:
-                _check_update(self, state, w)
         return self._conv_forward(input, w, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -519,7 +582,6 @@ class _SGSParametrizedMixin(SGSConvMixin):
         target = hook_target(self)
         if not _tracing() and not _attached_for(self, target):
             attach_hook(self)
-        _check_target(self, target)
         return self._sgs_base.forward(self, *args, **kwargs)
 
 
@@ -654,10 +716,3 @@ class SGSGraphWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, sgs=True"
-
-
-def unregister_weight(conv: nn.Module) -> None:
-    """Forget ``conv``'s weight for the Adam check (on strip)."""
-    w = hook_target(conv)
-    if w is not None:
-        unregister_scaled(w)

@@ -1,9 +1,9 @@
-"""Marks on the Parameters whose gradient SGS scales; one warning when an adaptive optimizer steps them, and one
-when an optimizer steps the Parameters of a model that ``transform`` copied (built before transform).
+"""Two warnings at the optimizer's step: one when an adaptive optimizer steps SGS weights, one when an optimizer
+steps the Parameters of a model that ``transform`` copied (built before transform).
 
 SGS is defined for SGD (plain, momentum, Nesterov, coupled L2). Adam-family optimizers divide each coordinate by
 its own second moment and almost cancel a fixed per-element gradient factor (spec §1.5): sgs_fx warns once per
-optimizer and does not refuse. The check runs in the global optimizer step pre-hook of ``sgs_fx.step``.
+optimizer and does not refuse. Both checks run in the global optimizer step pre-hook of ``sgs_fx.step``.
 """
 from __future__ import annotations
 
@@ -30,52 +30,16 @@ _ADAPTIVE_NAMES = ("adam", "lamb", "lion", "adan", "adabelief", "madgrad", "rmsp
 def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, ADAPTIVE) or any(n in type(optimizer).__name__.lower() for n in _ADAPTIVE_NAMES)
 
-# A mark on the Parameter itself, not a weak reference to it: torch.utils.swap_tensors (used by to() and
-# load_state_dict under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
-_MARK = "_sgs_scaled"
-# ... and a second one on a weight whose gradient an optimizer's step scales (scaling="step"): register_scaled
-# compares it to tell a change (which rebuilds the optimizers' cached lists) from a re-attachment (which does not)
-STEP_MARK = "_sgs_at_step"
-_WARNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
-_state = {"generation": 0, "any": False}
 
-
-def register_scaled(param: Tensor, at_step: bool = False) -> None:
-    """Mark ``param`` as a weight whose gradient SGS scales (at the optimizer's step if ``at_step``)."""
-    d = param.__dict__
-    if d.get(_MARK) and bool(d.get(STEP_MARK)) == at_step:
-        return
-    d[_MARK] = True
-    if at_step:
-        d[STEP_MARK] = True
-    else:
-        d.pop(STEP_MARK, None)
-    _state["generation"] += 1  # the optimizers' cached lists of step-scaled weights are rebuilt
-    _state["any"] = True
-
-
-def unregister_scaled(param: Tensor) -> None:
-    if param.__dict__.pop(_MARK, None) is not None:
-        _state["generation"] += 1
-    param.__dict__.pop(STEP_MARK, None)
-
-
-def generation() -> int:
-    """Changes whenever a weight is marked or unmarked."""
-    return _state["generation"]
-
-
-def any_marked() -> bool:
-    """Whether any weight was ever marked in this process (until then, optimizer steps cost one call)."""
-    return _state["any"]
+_ADAPTIVE_SEEN: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
-    """Once per adaptive optimizer that steps SGS weights (checked whenever its list of them is rebuilt)."""
-    if optimizer in _WARNED or not is_adaptive(optimizer):
+    """Once per optimizer, at a step over SGS weights: a warning if it is adaptive."""
+    if optimizer in _ADAPTIVE_SEEN:
         return
-    if any(p.__dict__.get(_MARK, False) for g in optimizer.param_groups for p in g["params"]):
-        _WARNED[optimizer] = True
+    _ADAPTIVE_SEEN.add(optimizer)
+    if is_adaptive(optimizer):
         logger.warning(
             "sgs_fx: %s steps SGS-instrumented weights; SGS is defined for SGD (plain, momentum, Nesterov). "
             "Adaptive optimizers normalise each coordinate and almost cancel the spatial scaling.",
@@ -87,13 +51,18 @@ def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
 # modules of the copies whose SGS weight replaced it}. Kept here, not on the Parameters: a mark holding a weak
 # reference would make the original model unpicklable, and torch.utils.swap_tensors refuses tensors with weakrefs.
 _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, list[weakref.ref]]]" = weakref.WeakKeyDictionary()
+_GENERATION = [0]  # changes whenever a copy is recorded: optimizers decided before are checked again
+# optimizer -> (generation, number of param groups) when its check was decided
+_DECIDED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 
 
-def remember_copies(source: nn.Module, copy: nn.Module) -> None:
-    """Record which Parameters of ``source`` the transformed ``copy`` replaced with SGS weights."""
+def remember_copies(source: nn.Module, copy: nn.Module, weights: list[Tensor]) -> None:
+    """Record which Parameters of ``source`` the transformed ``copy`` replaced with its SGS ``weights``."""
+    scaled = {id(w) for w in weights}
+    _GENERATION[0] += 1
     for mname, mod in copy.named_modules():
         for pname, p in mod._parameters.items():
-            if p is None or not p.__dict__.get(_MARK):
+            if p is None or id(p) not in scaled:
                 continue
             try:
                 owner = source.get_submodule(mname)
@@ -102,6 +71,20 @@ def remember_copies(source: nn.Module, copy: nn.Module) -> None:
             src = owner._parameters.get(pname)
             if src is not None and src is not p:
                 _COPIES.setdefault(owner, {}).setdefault(pname, []).append(weakref.ref(mod))
+
+
+def check_stale(optimizer: torch.optim.Optimizer) -> None:
+    """At a step: whether ``optimizer`` was built on a model that transform copied (warned once). Free once
+    decided for the copies recorded so far and the optimizer's param groups."""
+    if not _COPIES:
+        return
+    mark = (_GENERATION[0], len(optimizer.param_groups))
+    if _DECIDED.get(optimizer) == mark:
+        return
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    copied = copied_params(optimizer, ids)
+    if not copied or stale_verdict(optimizer, copied, ids):
+        _DECIDED[optimizer] = mark
 
 
 def copied_params(optimizer: torch.optim.Optimizer, ids: set[int]) -> list[tuple[Tensor, nn.Module, str]]:

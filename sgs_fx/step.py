@@ -1,100 +1,55 @@
 """``scaling="step"`` (the default): S applied to the conv weights' ``.grad`` when any torch.optim optimizer steps.
 
-A global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every
-``step()`` of every ``torch.optim.Optimizer``, timm's and Lightning's included, with nothing for the user to call.
-It finds the SGS weights the optimizer holds (a list cached per optimizer, rebuilt only when its param groups or
-the set of SGS weights change) and multiplies their ``.grad`` by S with one ``torch._foreach_mul_``: the
-official implementation's multiply of ``.grad``, at about its cost (BENCHMARKS.md). The convs carry no hook and no
-graph op, so a compiled model's graph is the plain model's and a new S never recompiles it.
+What tells the step that a gradient is new is an event torch gives, not state that could go stale: each SGS weight
+carries a tensor hook, which the autograd engine runs for every gradient it computes for that Parameter (a
+backward, ``torch.autograd.grad``, DDP, DataParallel and FSDP2 alike). The hook changes nothing; it sets
+``pending`` in the conv's ``GradState`` (``ops.py``). A global optimizer step pre-hook
+(``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every ``step()`` of every
+``torch.optim.Optimizer``, walks that optimizer's parameters (no cache: whatever its param groups hold now), and
+multiplies the ``.grad`` of each SGS weight with a pending gradient by S — S read from the conv at that moment —
+then clears ``pending``. Nothing is marked on gradient tensors, and nothing of S is cached.
 
-S is linear, so this is the same update as scaling each gradient in the backward pass: micro-batches accumulated
-into ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's
-unscaling commutes with it, and under FSDP2 each rank multiplies its shard of the reduced gradient (S is
-spatial; shards split the channels).
+S is linear, so this is the update of scaling each gradient in the backward pass: micro-batches accumulated into
+``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's unscaling
+commutes with it, and under FSDP2 each rank multiplies its shard of the reduced gradient (S is spatial; shards
+split the channels).
 
-* A step with a closure (LBFGS, Lightning's automatic optimization) computes its gradients inside the step:
-  the pre-hook hands the optimizer a wrapped closure that applies S to the gradients each call computes.
-* Every top-level step scales the gradients it finds: nothing but the step itself tells that a new backward
-  ran (a backward replayed from a CUDA graph rewrites ``.grad`` without a trace). An optimizer stepping inside
-  another's step (Lookahead-style wrappers that share param groups) does not scale those gradients again.
-* ``sgs_fx.scale_gradients(model)`` applies S to ``.grad`` at once, for what reads ``.grad`` before the step
-  (clipping the scaled gradient, logging) or updates without torch.optim; the next step leaves those
-  gradients alone.
-* Gradients read before the step — ``clip_grad_norm_``, ``torch.autograd.grad`` — are the unscaled G (the
-  official code also clipped before scaling). ``scaling="hook"`` scales in the backward pass instead.
-* S is never lost unseen: a weight that changes between two training forwards while no step (and no
-  ``scale_gradients``) applied S — a hand-written update, an optimizer outside torch.optim — gets one warning
-  naming the way out (see ``ops._check_update``). So does an optimizer built on the model before ``transform``
-  copied it: it steps Parameters the copy does not use (``optimizers.stale_verdict``).
+* Nested steps (Lookahead-style wrappers, a subclass calling ``super().step()``) and two steps with no backward in
+  between find nothing pending the second time: S is applied once per gradient.
+* A step with a closure (LBFGS, Lightning) computes its gradients inside the step: the pre-hook hands the optimizer
+  a wrapped closure that applies S to what each call computed.
+* ``sgs_fx.scale_gradients(model)`` applies S at once, for code that reads or uses ``.grad`` before (or without)
+  a step; until the next step of those weights, their hooks scale each new gradient as it arrives
+  (``prescaled``), so ``.grad`` is S ⊙ G however it was zeroed, clipped, unscaled or accumulated in between.
+* A CUDA graph's replay rewrites ``.grad`` without running any hook. A gradient that arrives while a graph is being
+  captured is marked ``replayed``; if the captured region includes the step, that captured step applies S on every
+  replay and clears the mark; otherwise every eager step scales that weight's ``.grad``.
+* S is never lost unseen: a gradient arriving while the previous one is still pending, with the weight changed in
+  between, means the weight was updated with the unscaled gradient: one warning names the way out
+  (``ops._warn_unscaled``). So does an optimizer built on the model before ``transform`` copied it
+  (``optimizers.check_stale``).
 """
 from __future__ import annotations
 
-import logging
-import sys
 import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import optimizers
-from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, is_dtensor, is_sgs_conv, scales_at_step
+from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, grad_state, is_dtensor, is_sgs_conv, scales_at_step, \
+    stepped_tensor
 from .passes.registry import instrumented
 
 __all__ = ["scale_gradients"]
 
-logger = logging.getLogger("sgs_fx")
-
-# On a gradient scaled by sgs_fx.scale_gradients: the next step leaves it alone (whatever was done to it in place
-# since: clipping, GradScaler's unscaling), and removes the mark.
-_PRESCALED = "_sgs_prescaled"
-
-# whether sgs_fx.scale_gradients ever ran (until then the step looks for no marks)
-_PRESCALED_ANY = [False]
-# optimizer -> (signature of its param groups and of the set of SGS weights, [(param, conv)])
-_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
-# the steps in progress, outermost first: (optimizer, ids of the gradients it scaled, the frame of torch's step
-# wrapper that runs it: an entry whose frame is no longer on the stack was left behind by a step that raised)
-_ACTIVE: list[tuple["weakref.ref", set[int], object]] = []
+_CUDA = [torch.cuda.is_available()]
 
 
-def _signature(opt: torch.optim.Optimizer) -> tuple:
-    """Changes when SGS weights are marked or unmarked, or param groups are added or replaced (O(1): an optimizer
-    with thousands of groups pays no more per step than one with a single group)."""
-    groups = opt.param_groups
-    first, last = (groups[0], groups[-1]) if groups else ({"params": ()}, {"params": ()})
-    return (optimizers.generation(), id(groups), len(groups), id(first["params"]), len(first["params"]),
-            id(last["params"]), len(last["params"]))
-
-
-def _step_convs(opt: torch.optim.Optimizer) -> tuple[list[tuple[Tensor, nn.Module]], list]:
-    """(Parameter, conv) for each weight of ``opt`` whose gradient only a step scales, and the pending check of
-    Parameters that transform copied (``optimizers.stale_verdict``; emptied once decided). Cached."""
-    sig = _signature(opt)
-    cached = _CACHE.get(opt)
-    if cached is not None and cached[0] == sig:
-        return cached[1], cached[2]
-    found = []
-    ids = {id(p) for group in opt.param_groups for p in group["params"]}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            # by identity, not by the mark on p: torch.utils.swap_tensors (to() under swapped tensors) swaps the
-            # Parameters' __dict__ too, and an F.conv call's S holder cannot re-mark its owner's parameter then
-            if id(p) not in _OWNERS and id(p) not in _SHARDED_OWNERS:
-                continue
-            conv = _owner(p)
-            if conv is not None and scales_at_step(conv):
-                found.append((p, conv))
-    copied = optimizers.copied_params(opt, ids)
-    check = [copied, ids] if copied else []
-    _CACHE[opt] = (sig, found, check)
-    optimizers.warn_if_adaptive(opt)  # (once per optimizer; checked when its weights are listed)
-    return found, check
-
-
-def _check_copies(opt: torch.optim.Optimizer, check: list) -> None:
-    if optimizers.stale_verdict(opt, *check):
-        check.clear()
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
 
 
 def _owner(p: Tensor) -> nn.Module | None:
@@ -110,118 +65,160 @@ def _owner(p: Tensor) -> nn.Module | None:
     return None
 
 
-def _full_scale(conv: nn.Module, g: Tensor) -> Tensor:
-    """S broadcast to the gradient's shape and strides, materialised and cached until S changes: ``_foreach_mul_``
-    then takes its fused path, which needs equal sizes and strides (one kernel for every conv on a GPU;
-    broadcasting, or a channels_last gradient beside a contiguous S, costs one kernel per conv). Its memory is
-    that of the conv's weight."""
-    s = conv._buffers[SCALE_BUFFER]
-    cached = conv.__dict__.get("_sgs_full")
-    if cached is not None and cached[0] is s and cached[1] == s._version and cached[2].shape == g.shape and \
-            cached[2].stride() == g.stride():
-        return cached[2]
-    full = torch.empty_like(g, dtype=s.dtype).copy_(s.to(g.device).expand(g.shape))  # (empty_like keeps the strides)
-    conv.__dict__["_sgs_full"] = (s, s._version, full)
-    return full
+def _step_weights(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
+    """(Parameter, conv) for each weight of ``opt`` whose gradient the step scales: a walk over the param groups as
+    they are now (a few dict lookups per parameter; a cache would have to be keyed on every group's list)."""
+    found = []
+    owners, sharded = _OWNERS, _SHARDED_OWNERS
+    for group in opt.param_groups:
+        for p in group["params"]:
+            key = id(p)
+            if key in owners or key in sharded:
+                conv = _owner(p)
+                if conv is not None and scales_at_step(conv):
+                    found.append((p, conv))
+    return found
 
 
-def _capturing() -> bool:
-    """Whether a CUDA graph is being captured on the current stream."""
-    return _CUDA[0] and torch.cuda.is_current_stream_capturing()
+def _due(state, capturing: bool) -> bool:
+    """Whether ``.grad`` holds gradients S was not applied to; clears the record, since S is about to be."""
+    due = state.pending or state.replayed
+    state.pending = False
+    if capturing:  # the captured multiply runs at every replay
+        state.replayed = False
+    return due
 
 
-_CUDA = [torch.cuda.is_available()]
-
-
-def _scale(pairs, skip) -> set[int]:
-    """Multiply each pair's ``.grad`` by its conv's S (once); the ids of the gradients scaled.
-
-    Runs at every optimizer step, right after a backward pass has evicted the interpreter's caches: kept to the
-    few attribute reads each conv needs (and no grad-mode switch: a ``.grad`` needs none to be multiplied).
-    """
+def _apply_at_step(pairs, owner) -> None:
+    """Multiply the pending gradients of ``pairs`` by S; a step of these weights ends their prescaled state."""
     grads: list[Tensor] = []
     scales: list[Tensor] = []
-    scaled: set[int] = set()
-    prescaled = _PRESCALED_ANY[0]
-    # S itself, broadcast, where the step is traced or captured: a compiled step fuses the broadcast, and a CUDA
-    # graph must read S's own memory at every replay (S changes in place; a materialised copy would not follow)
-    compiling = torch.compiler.is_compiling() or _capturing()
+    capturing = _capturing()
     for p, conv in pairs:
-        g = p.grad
-        if g is None:
+        state = grad_state(conv)
+        if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
+            state.prescaled = False
             continue
-        if type(g) is not Tensor and is_dtensor(g):  # FSDP2: S multiplies each rank's shard
-            _check_placements(g, conv)
-            g = _local(g)
-        key = id(g)
-        if key in scaled or (skip and key in skip):
-            continue
-        if prescaled and g.__dict__.pop(_PRESCALED, None) is not None:
-            continue  # sgs_fx.scale_gradients applied S already (clipped or unscaled since, maybe: in place)
-        grads.append(g)
-        scales.append(conv._buffers[SCALE_BUFFER] if compiling else _full_scale(conv, g))
-        scaled.add(key)
-        conv.__dict__["_sgs_hook"].scaled = True
-    if grads:
-        if any(g.requires_grad for g in grads):  # a backward with create_graph=True: not part of the graph
-            with torch.no_grad():
-                torch._foreach_mul_(grads, scales)
-        else:
-            torch._foreach_mul_(grads, scales)  # in place: a half-precision gradient is rounded once
-    return scaled
+        if _due(state, capturing):
+            _collect(p, conv, grads, scales)
+    _multiply(grads, scales, owner)
 
 
-def _in_outer_step() -> set[int]:
-    """The gradients that steps in progress have scaled (an optimizer stepping inside another's step)."""
-    if len(_ACTIVE) < 2:
-        return _NOTHING
-    out: set[int] = set()
-    for _, ids, _frame in _ACTIVE[:-1]:
-        out |= ids
-    return out
+def _collect(p: Tensor, conv: nn.Module, grads: list, scales: list) -> None:
+    g = p.grad
+    if g is None:
+        return
+    if type(g) is not Tensor and is_dtensor(g):  # FSDP2: S multiplies each rank's shard
+        _check_placements(g, conv)
+        g = g.to_local()
+    grads.append(g)
+    scales.append(conv._buffers[SCALE_BUFFER])
 
 
-def _drop_finished_steps() -> None:
-    """Forget entries of steps that are no longer running (they raised, so no post-hook popped them)."""
-    live = set()
-    frame = sys._getframe(2)
-    while frame is not None:
-        live.add(id(frame))
-        frame = frame.f_back
-    _ACTIVE[:] = [e for e in _ACTIVE if e[2] is None or id(e[2]) in live]  # (None: a compiled step's)
+def _multiply(grads: list[Tensor], scales: list[Tensor], owner) -> None:
+    """``grads[i] *= scales[i]`` in place (a half-precision gradient times the float32 S, rounded once)."""
+    if not grads:
+        return
+    if any(g.requires_grad for g in grads):  # a backward with create_graph=True: the multiply is not part of it
+        with torch.no_grad():
+            _multiply(grads, scales, owner)
+        return
+    if _fused_path(grads[0]) and not torch.compiler.is_compiling() and _gather_mul(grads, scales, owner):
+        return
+    torch._foreach_mul_(grads, scales)  # S broadcast over the channel dims (a CPU has no fused foreach path)
 
 
-_NOTHING: frozenset = frozenset()
+def _fused_path(g: Tensor) -> bool:
+    """Where ``_foreach_mul_`` has a fused path worth three kernels to reach (CUDA); tests force it on a CPU."""
+    return g.is_cuda
 
+
+# --- one fused multiply on a GPU ---------------------------------------------------------------------------------
+
+class _Gather:
+    """Where each element of a list of gradients finds its S entry: an int32 index into the S's concatenated.
+
+    ``torch._foreach_mul_`` takes its fused path (one kernel for every conv) only for operands of equal sizes and
+    strides. Each step, ``index_select`` of the current S's through this index fills ``arena``, whose per-gradient
+    views have the gradients' own sizes and strides (channels_last too): three kernels, whatever the number of
+    convs, and S read afresh every time (also by every replay of a captured step). Only the layout is kept, keyed
+    on every gradient's size, strides, dtype and device and every S's size and dtype.
+    """
+
+    __slots__ = ("index", "arena", "views", "captured")
+
+    def __init__(self, grads: list[Tensor], scales: list[Tensor]):
+        device, dtype = grads[0].device, scales[0].dtype
+        self.arena = torch.empty(sum(g.numel() for g in grads), dtype=dtype, device=device)
+        parts, self.views, offset, first = [], [], 0, 0
+        for g, s in zip(grads, scales):
+            local = torch.empty_like(g, dtype=torch.int32)  # (g's strides, for a dense g)
+            if local.stride() != g.stride():
+                raise ValueError("a gradient that is not dense")
+            local.copy_((torch.arange(s.numel(), dtype=torch.int32, device=device) + first).view(s.shape).expand(g.shape))
+            parts.append(local.as_strided((g.numel(),), (1,)))  # in memory order
+            self.views.append(self.arena.as_strided(g.shape, g.stride(), offset))
+            offset, first = offset + g.numel(), first + s.numel()
+        self.index = torch.cat(parts)
+        self.captured = False
+
+
+# owner (an optimizer, or the model of scale_gradients) -> {layout key: _Gather}
+_GATHERS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+_MAX_LAYOUTS = 8
+
+
+def _gather_mul(grads: list[Tensor], scales: list[Tensor], owner) -> bool:
+    """The fused multiply; False where it does not apply (mixed devices or dtypes of S, a non-dense gradient)."""
+    device, dtype = grads[0].device, scales[0].dtype
+    if any(g.device != device for g in grads) or any(s.dtype != dtype or s.device != device for s in scales):
+        return False
+    key = tuple((g.shape, g.stride(), g.dtype, s.shape) for g, s in zip(grads, scales)) + (device, dtype)
+    layouts = _GATHERS.setdefault(owner, {})
+    gather = layouts.get(key)
+    if gather is None:
+        try:
+            gather = _Gather(grads, scales)
+        except ValueError:
+            return False
+        if len(layouts) >= _MAX_LAYOUTS:  # a captured graph keeps writing into its arena: never drop that one
+            for k in [k for k, v in layouts.items() if not v.captured][:len(layouts) - _MAX_LAYOUTS + 1]:
+                del layouts[k]
+        layouts[key] = gather
+    if _capturing():
+        gather.captured = True
+    torch.index_select(torch.cat([s.reshape(-1) for s in scales]), 0, gather.index, out=gather.arena)
+    torch._foreach_mul_(grads, gather.views)
+    return True
+
+
+# --- the optimizer step pre-hook --------------------------------------------------------------------------------
 
 def _before_step(opt: torch.optim.Optimizer, args, kwargs):
-    if not optimizers.any_marked():
+    if not (_OWNERS or _SHARDED_OWNERS):  # no SGS model in this process
         return None
-    pairs, check = _step_convs(opt)
-    compiling = torch.compiler.is_compiling()  # (no frames under torch.compile: it cannot trace sys._getframe)
-    if _ACTIVE and not compiling:  # nested (or left behind by a step that raised: dropped)
-        _drop_finished_steps()
-    # the same optimizer's step already running: a subclass whose step() calls super().step() (both are hooked)
-    again = any(e[0]() is opt for e in _ACTIVE)
-    entry = (weakref.ref(opt), set(), None if compiling else sys._getframe(1))
-    _ACTIVE.append(entry)
-    if not (pairs or check) or again:
-        return None
+    if torch.compiler.is_compiling():  # a compiled step: this bookkeeping runs eagerly (a graph break)
+        return _before_step_eager(opt, args, kwargs)
+    pairs = _step_weights(opt)
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if not callable(closure):  # no closure (or an optimizer whose step takes something else first)
+        optimizers.check_stale(opt)
         if pairs:
-            entry[1].update(_scale(pairs, _in_outer_step()))
-        if check and not compiling:
-            _check_copies(opt, check)
+            optimizers.warn_if_adaptive(opt)
+            _apply_at_step(pairs, opt)
         return None
+    if pairs:
+        optimizers.warn_if_adaptive(opt)
+        for _, conv in pairs:  # the closure computes the gradients this step uses
+            grad_state(conv).prescaled = False
 
     def closure_then_scale():
         loss = closure()
-        if pairs:
-            entry[1].update(_scale(pairs, _in_outer_step()))  # (each call computes new gradients: scale them all)
-        if check and not torch.compiler.is_compiling():
-            _check_copies(opt, check)
+        if torch.compiler.is_compiling():  # (a compiled step traces its closure)
+            _after_closure_eager(opt, pairs)
+        else:
+            _after_closure(opt, pairs)
         return loss
 
     if len(args) > 1:
@@ -229,48 +226,46 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     return args, {**kwargs, "closure": closure_then_scale}
 
 
-def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
-    if _ACTIVE and _ACTIVE[-1][0]() is opt:
-        _ACTIVE.pop()
+def _after_closure(opt, pairs) -> None:
+    optimizers.check_stale(opt)
+    if pairs:
+        _apply_at_step(pairs, opt)
 
+
+_before_step_eager = torch.compiler.disable(_before_step)
+_after_closure_eager = torch.compiler.disable(_after_closure)
 
 register_optimizer_step_pre_hook(_before_step)
-register_optimizer_step_post_hook(_after_step)
 
 
 def scale_gradients(model: nn.Module) -> int:
-    """Multiply the ``.grad`` of every conv weight that ``scaling="step"`` scales at the step by its S, now.
+    """Apply S now to the ``.grad`` of every conv weight that ``scaling="step"`` scales at the step.
 
-    For code that reads or applies ``.grad`` before (or without) a torch.optim step: clipping the scaled
-    gradient, a hand-written update, an optimizer outside torch.optim. Call it after the last backward before
-    the update: the next torch.optim step leaves these gradients alone (also after clipping or unscaling them in
-    place), so what a later backward accumulates into them is not scaled. Convs scaled in the backward pass
-    (``scaling="hook"``, tied weights) need nothing: their ``.grad`` is S ⊙ G already. Returns how many
-    gradients were scaled.
+    For code that reads or uses ``.grad`` before (or without) a torch.optim step: clipping the scaled gradient,
+    logging it, a hand-written update, an optimizer outside torch.optim. From this call until the next optimizer
+    step of those weights, each new gradient is scaled as it arrives, so ``.grad`` stays S ⊙ G whatever happens in
+    between (clipping or unscaling in place, zeroing, further backward passes), and that step does not scale
+    again. Convs scaled in the backward pass (``scaling="hook"``, tied weights) need nothing: their ``.grad`` is
+    S ⊙ G already. Returns how many conv gradients hold S ⊙ G after the call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sgs_fx.scale_gradients expects the transformed model (an nn.Module), got "
                         f"{type(model).__name__}; the step of a torch.optim optimizer applies S by itself")
-    pairs = []
+    grads: list[Tensor] = []
+    scales: list[Tensor] = []
+    capturing = _capturing()
+    held = 0
     for conv in instrumented(model).values():
-        if is_sgs_conv(conv) and scales_at_step(conv):
-            sharded = conv.__dict__.get("_sgs_sharded")
-            p = sharded if sharded is not None else conv.__dict__["_sgs_hook"].param
-            pairs.append((p, conv))
-    scaled = _scale(pairs, set())
-    _PRESCALED_ANY[0] = True
-    for p, _ in pairs:
-        g = p.grad
-        if g is not None:
-            g = _local(g) if is_dtensor(g) else g
-            if id(g) in scaled:
-                g.__dict__[_PRESCALED] = True
-    return len(scaled)
-
-
-def _local(g):
-    """A DTensor gradient's local shard, the same tensor object every time (marks stay on it)."""
-    return getattr(g, "_local_tensor", None) if getattr(g, "_local_tensor", None) is not None else g.to_local()
+        if not (is_sgs_conv(conv) and scales_at_step(conv)):
+            continue
+        state, p = grad_state(conv), stepped_tensor(conv)
+        if not state.prescaled:
+            if _due(state, capturing) and p is not None:
+                _collect(p, conv, grads, scales)
+            state.prescaled = True
+        held += p is not None and p.grad is not None
+    _multiply(grads, scales, model)
+    return held
 
 
 def _check_placements(grad, conv) -> None:

@@ -76,7 +76,7 @@ def test_the_step_applies_S_to_the_weight_gradients_exactly(make):
     assert_equal_grads(plain_grads(sgs, X), G)  # before the step: the unscaled G, as autograd computed it
     assert_equal_grads(step_grads(sgs, opt, X), want)
     assert_equal_grads(step_grads(sgs, opt, X), want)  # every step, from fresh gradients
-    assert all(p._backward_hooks is None for p in sgs.parameters())  # nothing in the backward pass
+    assert_equal_grads(plain_grads(sgs, X), G)  # the weights' hooks record gradients and change none
 
 
 def test_tinynet_every_flavour():
@@ -119,19 +119,46 @@ def test_zero_grad_without_set_to_none_scales_the_new_gradient():
         assert_equal_grads(now(sgs), want)
 
 
-def test_gradients_rewritten_without_a_version_bump_are_scaled_at_every_step():
-    # what a backward replayed from a CUDA graph does to .grad: new values in the same memory, and the tensor's
-    # version counter never moves (emulated here through .data)
+@pytest.fixture
+def capture(monkeypatch):
+    """Emulate CUDA graph capture on a CPU: ``capture(True)`` makes sgs_fx see a capture in progress."""
+    from sgs_fx import ops, step as step_module
+
+    on = [False]
+    monkeypatch.setattr(ops, "_CUDA", [True])
+    monkeypatch.setattr(step_module, "_CUDA", [True])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on[0])
+    return lambda flag: on.__setitem__(0, flag)
+
+
+def test_a_backward_captured_without_its_step_is_scaled_at_every_eager_step(capture):
+    # a graph of forward and backward only, replayed before each eager step: the replays rewrite .grad in place
+    # and run no hook (emulated by writing through .data), so every eager step must scale what it finds
     sgs, opt, scales = stepped()
-    G1 = plain_grads(net(), X)
-    G2 = plain_grads(net(), 2 * X)
+    G1, G2 = plain_grads(net(), X), plain_grads(net(), 2 * X)
     opt.zero_grad(set_to_none=True)
+    capture(True)
     sgs(X).pow(2).sum().backward()
+    capture(False)
     for G in (G1, G2, G1):
         for n, p in sgs.named_parameters():
-            p.grad.data.copy_(G[n])
+            p.grad.data.copy_(G[n])  # a replay
         opt.step()
         assert_equal_grads(now(sgs), scaled_grads(G, scales))
+
+
+def test_a_captured_step_scales_in_the_capture_and_eager_steps_then_do_not_again(capture):
+    # the whole step captured (the study's recipe): the multiply is part of the graph, and is done
+    sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
+    opt.zero_grad(set_to_none=True)
+    capture(True)
+    sgs(X).pow(2).sum().backward()
+    opt.step()
+    capture(False)
+    assert_equal_grads(now(sgs), want)
+    opt.step()  # no new gradient: an eager step after the capture leaves S ⊙ G as it is
+    assert_equal_grads(now(sgs), want)
 
 
 def test_a_closure_step_scales_the_gradients_the_closure_computes():
@@ -399,17 +426,42 @@ def test_half_precision_gradient_is_multiplied_by_float32_S_and_rounded_once():
         assert torch.equal(got[w], (ref[w].float() * scales[conv].float()).to(torch.bfloat16)), w
 
 
-def test_a_channels_last_gradient_is_multiplied_by_S_with_its_own_strides():
-    # a GPU's fused foreach multiply needs equal sizes and strides: a contiguous S beside channels_last gradients
-    # would cost one kernel per conv
-    sgs = sgs_fx.transform(net()).to(memory_format=torch.channels_last)
+@pytest.fixture
+def fused(monkeypatch):
+    """The GPU's fused multiply (an index gather of S, one foreach multiply), taken on a CPU."""
+    from sgs_fx import step as step_module
+
+    monkeypatch.setattr(step_module, "_fused_path", lambda g: True)
+    return step_module
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_fused_multiply_is_S_times_G_with_each_gradient_s_own_strides(fused, memory_format):
+    sgs = sgs_fx.transform(net()).to(memory_format=memory_format)
     scales = scaled(sgs)
     opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
-    got = step_grads(sgs, opt, X)
-    assert_equal_grads(got, scaled_grads(plain_grads(net().to(memory_format=torch.channels_last), X), scales))
-    for name, conv in sgs_fx.instrumented(sgs).items():
-        assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last), name
-        assert conv.__dict__["_sgs_full"][2].stride() == conv.weight.grad.stride(), name
+    want = scaled_grads(plain_grads(net().to(memory_format=memory_format), X), scales)
+    assert_equal_grads(step_grads(sgs, opt, X), want)
+    (layout,) = fused._GATHERS[opt].values()
+    for view, conv in zip(layout.views, sgs_fx.instrumented(sgs).values()):
+        # equal sizes and strides: what torch's fused foreach path needs (one kernel for every conv on a GPU)
+        assert view.shape == conv.weight.grad.shape and view.stride() == conv.weight.grad.stride()
+        assert conv.weight.grad.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("path", ["broadcast", "fused"])
+def test_S_rewritten_in_place_through_data_is_the_S_of_the_next_step(path, request):
+    if path == "fused":
+        request.getfixturevalue("fused")
+    sgs, opt, _ = stepped()
+    step_grads(sgs, opt, X)
+    G = plain_grads(net(), X)
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        new = {n: torch.rand(3, 3, dtype=torch.float64) + 0.5 for n in sgs_fx.instrumented(sgs)}
+        for n, conv in sgs_fx.instrumented(sgs).items():
+            conv.sgs_scale.data.copy_(new[n])  # no version bump, same storage
+        assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(G, new))
 
 
 def test_data_parallel_replicas_leave_the_scaling_to_the_step(monkeypatch):
@@ -474,22 +526,24 @@ def test_clipping_and_unscaling_after_scale_gradients_do_not_scale_again():
         sgs_fx.scale_gradients(opt)
 
 
-def test_a_hand_written_update_warns_once_and_names_the_way_out():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_hand_written_update_warns_once_and_names_the_way_out(compiled):
     sgs, _, _ = stepped()
-    sgs(X).pow(2).sum().backward()
+    torch._dynamo.reset()
+    call = torch.compile(sgs, backend="aot_eager") if compiled else sgs  # the warning comes from the backward
+    call(X).pow(2).sum().backward()
     with torch.no_grad():
         for p in sgs.parameters():
             p -= 0.1 * p.grad
-    sgs.zero_grad()  # the usual loop: gradients gone before the next forward
+    sgs.zero_grad()  # the usual loop: gradients gone before the next backward
     with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
-        sgs(X)
+        call(X).pow(2).sum().backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sgs(X).pow(2).sum().backward()
         with torch.no_grad():
             for p in sgs.parameters():
                 p -= 0.1 * p.grad
-        sgs(X)  # once
+        call(X).pow(2).sum().backward()  # once
 
 
 def test_an_optimizer_outside_torch_optim_warns():
@@ -765,3 +819,148 @@ def test_a_captured_step_multiplies_by_S_itself_not_a_cached_copy(monkeypatch):
     step_grads(sgs, opt, X)
     buffers = [m.sgs_scale for m in sgs_fx.instrumented(sgs).values()]
     assert len(seen) == 3 and all(any(s is b for b in buffers) for s in seen)
+
+
+# --- issue 26: what tells the step that a gradient is new cannot go stale ---------------------------------------
+
+def _sgd_with_S_by_hand(model, scales, lr, updates, x=X):
+    """SGD (no momentum) on a plain model, S applied to the conv weights' gradients by hand: the reference."""
+    for _ in range(updates):
+        model.zero_grad(set_to_none=True)
+        model(x).pow(2).sum().backward()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                conv = n.rsplit(".", 1)[0]
+                g = scales[conv] * p.grad if n.endswith("weight") and conv in scales else p.grad
+                p -= lr * g
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_scale_gradients_before_a_hand_written_update_with_zero_grad_in_place_applies_S_every_time():
+    sgs, _, scales = stepped()
+    want = _sgd_with_S_by_hand(net(), scales, 0.01, updates=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            sgs.zero_grad(set_to_none=False)  # the same .grad tensors every iteration
+            sgs(X).pow(2).sum().backward()
+            assert sgs_fx.scale_gradients(sgs) == 3
+            with torch.no_grad():
+                for p in sgs.parameters():
+                    p -= 0.01 * p.grad
+    for n, p in sgs.named_parameters():
+        assert (p - want[n]).abs().max().item() <= 1e-12, n  # (the same ops, S applied at another moment)
+
+
+def test_a_backward_after_scale_gradients_accumulates_S_times_G():
+    sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X, backwards=2), scales)
+    opt.zero_grad()
+    sgs(X).pow(2).sum().backward()
+    sgs_fx.scale_gradients(sgs)
+    sgs(X).pow(2).sum().backward()  # accumulated onto S ⊙ G1: arrives scaled
+    opt.step()
+    for n, g in want.items():
+        assert (now(sgs)[n] - g).abs().max().item() <= 1e-12, n
+
+
+def test_clipping_the_scaled_gradient_after_a_step_grad_scaler_skipped():
+    # the documented recipe: scale_gradients, clip S ⊙ G, then scaler.step; an inf skips a step
+    sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+    for it in range(3):
+        opt.zero_grad()
+        scaler.scale(sgs(X).pow(2).sum()).backward()
+        if it == 0:
+            sgs[0].weight.grad[0, 0, 0, 0] = float("inf")
+        scaler.unscale_(opt)
+        assert sgs_fx.scale_gradients(sgs) == 3
+        if it > 0:
+            assert_equal_grads(now(sgs), want)  # what clipping sees
+        norm = nn.utils.clip_grad_norm_(sgs.parameters(), max_norm=1e9)
+        scaler.step(opt)
+        scaler.update()
+        assert (it == 0) == (not torch.isfinite(norm).item())
+        if it > 0:
+            assert_equal_grads(now(sgs), want)
+
+
+def _fixed_input():
+    return torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
+def _ddp_bucket_view_worker(rank, world, init, out):
+    with gloo_group(rank, world, init):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        sgs = sgs_fx.transform(net())
+        scaled(sgs)
+        ddp = DDP(sgs, gradient_as_bucket_view=True)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
+        said = []
+        for _ in range(3):
+            opt.zero_grad()  # set_to_none=True: DDP hands the same bucket views back at the next backward
+            ddp(_fixed_input()).pow(2).sum().backward()
+            said.append(sgs_fx.scale_gradients(sgs))
+            said.append({n: p.grad.clone() for n, p in sgs.named_parameters()})
+            opt.step()
+        if rank == 0:
+            torch.save(said, out)
+
+
+def test_ddp_with_gradient_as_bucket_view_scale_gradients_every_iteration():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "said.pt")
+        mp.spawn(_ddp_bucket_view_worker, args=(1, os.path.join(tmp, "init"), out), nprocs=1, join=True)
+        said = torch.load(out)
+    scales = scaled(sgs_fx.transform(net()))
+    want = scaled_grads(plain_grads(net(), _fixed_input()), scales)
+    assert said[0::2] == [3, 3, 3]
+    for got in said[1::2]:
+        assert_equal_grads(got, want)
+
+
+def test_a_middle_param_group_changed_after_a_step_is_scaled():
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    sgs[2].weight.requires_grad_(False)
+    groups = [[sgs[0].weight], [sgs[0].bias], [*sgs[4].parameters()]]  # (sgs[2] has no bias)
+    opt = torch.optim.SGD([{"params": g} for g in groups], lr=0.0)
+    sgs(X).pow(2).sum().backward()
+    opt.step()
+    sgs[2].weight.requires_grad_(True)
+    opt.param_groups[1]["params"].append(sgs[2].weight)  # unfreezing a conv into the middle group, in place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(plain_grads(net(), X), scales))
+
+
+def test_gradients_from_autograd_grad_assigned_to_grad_are_scaled_at_the_step():
+    sgs, opt, scales = stepped()
+    params = list(sgs.parameters())
+    for g, p in zip(torch.autograd.grad(sgs(X).pow(2).sum(), params), params):
+        p.grad = g
+    opt.step()
+    assert_equal_grads(now(sgs), scaled_grads(plain_grads(net(), X), scales))
+
+
+def test_two_steps_without_a_backward_between_apply_S_once():
+    sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
+    step_grads(sgs, opt, X)
+    opt.step()
+    assert_equal_grads(now(sgs), want)
+
+
+def test_double_after_float_returns_to_the_float64_S_that_was_set():
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)  # float64, not representable in float32
+    assert not all(torch.equal(s.float().double(), s) for s in scales.values())
+    sgs.float().double()
+    assert all(torch.equal(sgs_fx.get_scales(sgs)[n], s) for n, s in scales.items())
+    direct = torch.full((3, 3), 0.75, dtype=torch.float32)
+    sgs.float()
+    sgs[0].sgs_scale.copy_(direct)  # written directly: the master copy no longer holds the S in force
+    sgs.double()
+    assert torch.equal(sgs[0].sgs_scale, direct.double())

@@ -174,7 +174,8 @@ def transform(
     if scales is not None and mode == "sgs":
         set_scales(model, scales)
     if source is not None and mode == "sgs":
-        remember_copies(source, model)  # an optimizer built on `source` before transform trains nothing: warned
+        # an optimizer built on `source` before transform trains nothing: warned at its step
+        remember_copies(source, model, [_target_of(m) for m in instrumented(model).values() if is_sgs_conv(m)])
     return model
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
+from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv
 from .functional import strip_functional
 from .graph import strip_graph
 from .select import copy_model, replace_everywhere, unwrap
@@ -33,9 +33,8 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def _strip_sgs(conv: nn.Module) -> None:
     detach_hook(conv)
-    unregister_weight(conv)
     conv.__class__ = conv._sgs_base
     del conv._buffers[SCALE_BUFFER]
     for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_step", "_sgs_sharded", "_sgs_master",
-                "cls_to_become"):
+                "_sgs_grad", "cls_to_become"):
         conv.__dict__.pop(key, None)
