@@ -81,8 +81,9 @@ def plan(arms: list[str], seeds: list[int], models: list[str]) -> list[tuple[int
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The runs in a results file, one per key: a later line with the same key completes the earlier one (the
-    INT8 score arrives after the float result). Lines that are not rows are skipped with a note."""
+    """The runs in a results file, one per key: the latest training attempt (a float result line, failed or not;
+    a run retried with --retry-failed or trained again for a missing INT8 score replaces the earlier attempt, its
+    error included), completed by the INT8 line that follows it. Lines that are not rows are skipped with a note."""
     p = Path(path)
     if not p.exists():
         return []
@@ -99,7 +100,10 @@ def read_rows(path: str | Path) -> list[dict]:
             missing = [k for k in KEY if k not in row] if isinstance(row, dict) else "not a JSON object"
             print(f"{path}:{i}: skipped a line that is not a run (missing: {missing})", file=sys.stderr)
             continue
-        rows.setdefault(key(row), {}).update(row)
+        if "float_acc" in row:  # a training attempt (float_acc is None if it failed)
+            rows[key(row)] = row
+        else:  # its INT8 score
+            rows.setdefault(key(row), {}).update(row)
     return list(rows.values())
 
 

@@ -87,6 +87,19 @@ def test_odd_lines_are_skipped_and_a_failed_run_is_recorded_and_not_repeated(tmp
     assert "1 run(s) to do" in capsys.readouterr().out
 
 
+def test_a_failed_run_retried_successfully_is_done(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(study, "train_fast", lambda *a, **kw: (_ for _ in ()).throw(FloatingPointError("nan loss")))
+        study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out)])
+    study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out), "--retry-failed"])
+    (row,) = study.read_rows(out)  # the retry replaces the failed attempt: its error goes with it
+    assert "error" not in row and 0 <= row["float_acc"] <= 1
+    capsys.readouterr()
+    study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out), "--retry-failed"])
+    assert "0 run(s) to do" in capsys.readouterr().out
+
+
 def test_bad_arguments_are_refused_before_any_run(tmp_path, capsys):
     out = str(tmp_path / "r.jsonl")
     for bad, says in ((["--seeds", "0", "0"], "--seeds lists a value twice"), (["--int8-batches", "0"], ">= 1"),
