@@ -8,7 +8,8 @@ Runs are interleaved by seed (every arm of seed 0, then of seed 1, ...), so that
 still leaves complete pairs. Each finished run appends one JSON line to --out at once (arm, seed, model, epochs,
 training images, float and INT8 test accuracy, final loss, train seconds, steady step ms, calibrations, device,
 torch version, ...); a run whose key (arm, seed, model, width, epochs, training images, smoke) is already in the
-file is skipped, so rerunning the same command on another slot goes on where the last one stopped. --budget-s
+file is skipped, so rerunning the same command on another slot goes on where the last one stopped. A run recorded
+without its INT8 score (the slot's time limit ended the scoring worker) trains again when INT8 is scored. --budget-s
 stops before a run that would not finish in time (estimated from this invocation's finished runs of the same
 arm and model).
 
@@ -224,6 +225,18 @@ def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.
     return row, trained
 
 
+def _to_run(row: dict | None, args) -> bool:
+    """Whether a planned run trains: it is not in the file; it failed (with --retry-failed); or, when this invocation
+    scores INT8, it has no INT8 result (a slot's time limit ended the scoring worker, or it ran with --no-int8).
+    Such a run trains again, since its model was not kept: its new row replaces the old, so that the float and INT8
+    accuracy of a row come from the same model."""
+    if row is None:
+        return True
+    if row.get("error"):
+        return args.retry_failed
+    return args.int8 and "int8_acc" not in row and "int8_error" not in row
+
+
 def _estimate(arm: str, model: str, recipe: dict, rows: list[dict], walls: dict) -> float:
     """Seconds the next run of (arm, model) will take: its own earlier runs (this invocation or the file, same
     recipe and device), else the longest run seen here (x2.6 for real branches, measured on an H200), else 0."""
@@ -244,14 +257,16 @@ def run_study(args) -> int:
     shared = {"width": args.width, "batch_size": args.batch_size, "epochs": args.epochs,
               "data": fingerprint(data), "smoke": args.smoke, "compile": args.compile, "device_type": device.type}
     rows = read_rows(args.out)
-    done = {key(r) for r in rows if not (args.retry_failed and r.get("error"))}
-    todo = []
+    recorded = {key(r): r for r in rows}
+    todo, unscored = [], 0
     for seed, model, arm in plan(args.arms, args.seeds, args.model):
         ident = {"arm": arm, "seed": seed, "model": model, **shared, "train_images": n_train}
-        if key(ident) not in done:
+        row = recorded.get(key(ident))
+        if _to_run(row, args):
             todo.append(ident)
-    print(f"{len(todo)} run(s) to do, {len(plan(args.arms, args.seeds, args.model)) - len(todo)} already in {args.out}",
-          flush=True)
+            unscored += row is not None and not row.get("error")
+    print(f"{len(todo)} run(s) to do{f' ({unscored} trained again: INT8 score missing)' if unscored else ''}, "
+          f"{len(plan(args.arms, args.seeds, args.model)) - len(todo)} already in {args.out}", flush=True)
     t_start = time.perf_counter()
     walls: dict[tuple[str, str], list[float]] = {}
     workers = args.int8_workers if args.int8_workers is not None else int(device.type == "cuda")
@@ -446,7 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-capture", dest="capture", action="store_false", default=None,
                    help="run every step eagerly on CUDA too (for comparison)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model inside the captured step")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip PTQ + onnxruntime INT8 accuracy")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip PTQ + onnxruntime INT8 accuracy (an invocation without it trains these runs again)")
     p.add_argument("--int8-batches", type=int, default=8, help="PTQ calibration batches of 128 training images")
     p.add_argument("--int8-workers", type=int, help="processes scoring INT8 while the next run trains "
                    "(default: 1 on CUDA, 0 = inline on a CPU)")

@@ -1,5 +1,6 @@
 """benchmarks/study.py: interleaved runs, one JSON line each, resume by skipping, the budget, and the report's
 arithmetic against a hand-computed example; benchmarks/stats.py against Student's t table."""
+import argparse
 import json
 import math
 import sys
@@ -98,6 +99,24 @@ def test_a_failed_run_retried_successfully_is_done(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out), "--retry-failed"])
     assert "0 run(s) to do" in capsys.readouterr().out
+
+
+def test_a_run_without_its_int8_score_trains_again_when_int8_is_scored(tmp_path, capsys):
+    # a slot's time limit can end the INT8 worker after the float line is written: the file then holds the run
+    # without an INT8 line, as after --no-int8; the model is gone, so the run trains again and its row is replaced
+    out = tmp_path / "r.jsonl"
+    cmd = ["--smoke", "--epochs", "1", "--arms", "baseline", "--seeds", "0", "--out", str(out), "--int8-batches", "1",
+           "--int8-workers", "0"]
+    study.main([*cmd, "--no-int8"])
+    capsys.readouterr()
+    study.main(cmd)
+    assert "1 run(s) to do (1 trained again: INT8 score missing)" in capsys.readouterr().out
+    (row,) = study.read_rows(out)
+    assert 0 <= row["int8_acc"] <= 1
+    study.main(cmd)
+    assert "0 run(s) to do" in capsys.readouterr().out
+    failed_int8 = {**{k: v for k, v in row.items() if k != "int8_acc"}, "int8_error": "ValueError: x"}
+    assert not study._to_run(failed_int8, argparse.Namespace(int8=True))  # a failed INT8 score is a result too
 
 
 def test_bad_arguments_are_refused_before_any_run(tmp_path, capsys):
