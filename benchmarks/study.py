@@ -7,8 +7,11 @@
 Runs are interleaved by seed (every arm of seed 0, then of seed 1, ...), so that a study cut short by a time limit
 still leaves complete pairs. Each finished run appends one JSON line to --out at once (arm, seed, model, epochs,
 training images, float and INT8 test accuracy, final loss, train seconds, steady step ms, calibrations, device,
-torch version, ...); a run whose key (arm, seed, model, width, epochs, training images, smoke) is already in the
-file is skipped, so rerunning the same command on another slot goes on where the last one stopped. --budget-s
+torch version, ...); a run whose key (``KEY``: arm, seed, model, width, epochs, batch size, a fingerprint of the
+training data, smoke, compile, capture, INT8 calibration batches, device type) is already in the file is skipped,
+so rerunning the same command on another slot goes on where the last one stopped (rows written before capture and
+INT8 batches joined the key read as the defaults then: captured exactly on CUDA, 8 batches). A run recorded
+without its INT8 score (the slot's time limit ended the scoring worker) trains again when INT8 is scored. --budget-s
 stops before a run that would not finish in time (estimated from this invocation's finished runs of the same
 arm and model).
 
@@ -49,8 +52,10 @@ from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.fast_train import ARMS, FastRecipe, train_fast  # noqa: E402
 
 # A run's identity: runs with the same key are the same experiment (a rerun skips them); the report compares runs
-# whose keys differ only in arm and seed. "data" fingerprints the training images and labels.
-KEY = ("arm", "seed", "model", "width", "epochs", "batch_size", "data", "smoke", "compile", "device_type")
+# whose keys differ only in arm and seed. "data" fingerprints the training images and labels; every setting that
+# changes what a run records is in it ("capture": its ms/step, "int8_batches": its INT8 accuracy).
+KEY = ("arm", "seed", "model", "width", "epochs", "batch_size", "data", "smoke", "compile", "capture", "int8_batches",
+       "device_type")
 RECIPE = tuple(k for k in KEY if k not in ("arm", "seed"))
 SMOKE = dict(width=0.125, batch_size=16, max_steps_per_epoch=3)
 
@@ -81,8 +86,9 @@ def plan(arms: list[str], seeds: list[int], models: list[str]) -> list[tuple[int
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The runs in a results file, one per key: a later line with the same key completes the earlier one (the
-    INT8 score arrives after the float result). Lines that are not rows are skipped with a note."""
+    """The runs in a results file, one per key: the latest training attempt (a float result line, failed or not;
+    a run retried with --retry-failed or trained again for a missing INT8 score replaces the earlier attempt, its
+    error included), completed by the INT8 line that follows it. Lines that are not rows are skipped with a note."""
     p = Path(path)
     if not p.exists():
         return []
@@ -95,12 +101,26 @@ def read_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as exc:  # a line cut by a kill mid-write: the run is redone
             print(f"{path}:{i}: skipped an unreadable line ({exc.msg})", file=sys.stderr)
             continue
+        if isinstance(row, dict):
+            _as_keyed_now(row)
         if not isinstance(row, dict) or any(k not in row for k in KEY):
             missing = [k for k in KEY if k not in row] if isinstance(row, dict) else "not a JSON object"
             print(f"{path}:{i}: skipped a line that is not a run (missing: {missing})", file=sys.stderr)
             continue
-        rows.setdefault(key(row), {}).update(row)
+        if "float_acc" in row:  # a training attempt (float_acc is None if it failed)
+            rows[key(row)] = row
+        else:  # its INT8 score
+            rows.setdefault(key(row), {}).update(row)
     return list(rows.values())
+
+
+def _as_keyed_now(row: dict) -> None:
+    """Give a row written before "capture" and "int8_batches" joined the key (issue 26) the values then in force:
+    the step captured exactly on CUDA, INT8 calibrated on 8 batches (the default; other values went unrecorded).
+    A CUDA run given --no-capture then reads as captured; it records captured: false, so the report leaves its
+    ms/step out."""
+    row.setdefault("capture", row.get("device_type") == "cuda")
+    row.setdefault("int8_batches", 8)
 
 
 def append_row(path: str | Path, row: dict) -> None:
@@ -208,7 +228,7 @@ def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.
     try:
         recipe = FastRecipe(arm=arm, seed=seed, model=model, epochs=args.epochs, width=ident["width"],
                             batch_size=ident["batch_size"], max_steps_per_epoch=extra.get("max_steps_per_epoch"),
-                            capture=args.capture, compile=args.compile)
+                            capture=ident["capture"], compile=args.compile)
         result = train_fast(recipe, data, device, progress=args.progress)
         row["float_acc"] = result.metrics["test_acc"]
         row.update({k: v for k, v in result.metrics.items() if k not in row and k != "test_acc"})
@@ -218,6 +238,18 @@ def run_one(arm: str, seed: int, model: str, args, data: Cifar10, device: torch.
     row["wall_s"] = time.perf_counter() - t0  # training and evaluation; the INT8 scoring is int8_s
     row["date"] = time.strftime("%Y-%m-%d")
     return row, trained
+
+
+def _to_run(row: dict | None, args) -> bool:
+    """Whether a planned run trains: it is not in the file; it failed (with --retry-failed); or, when this invocation
+    scores INT8, it has no INT8 result (a slot's time limit ended the scoring worker, or it ran with --no-int8).
+    Such a run trains again, since its model was not kept: its new row replaces the old, so that the float and INT8
+    accuracy of a row come from the same model."""
+    if row is None:
+        return True
+    if row.get("error"):
+        return args.retry_failed
+    return args.int8 and "int8_acc" not in row and "int8_error" not in row
 
 
 def _estimate(arm: str, model: str, recipe: dict, rows: list[dict], walls: dict) -> float:
@@ -231,23 +263,33 @@ def _estimate(arm: str, model: str, recipe: dict, rows: list[dict], walls: dict)
     return max(seen, default=0.0) * (2.6 if arm == "acb_branches" else 1.0)
 
 
+def settings(args, device: torch.device, data: Cifar10) -> dict:
+    """The key fields that every run of this invocation shares, each as the run will use it (capture: on exactly on
+    CUDA unless --no-capture), so that two invocations that train alike have equal keys."""
+    return {"width": args.width, "batch_size": args.batch_size, "epochs": args.epochs, "data": fingerprint(data),
+            "smoke": args.smoke, "compile": args.compile,
+            "capture": device.type == "cuda" if args.capture is None else args.capture,
+            "int8_batches": args.int8_batches, "device_type": device.type}
+
+
 def run_study(args) -> int:
     data = load_data(args.data, args.smoke)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_train = len(data.train_labels)
     print(f"study: training on {n_train} images, testing on {len(data.test_labels)}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}", flush=True)
-    shared = {"width": args.width, "batch_size": args.batch_size, "epochs": args.epochs,
-              "data": fingerprint(data), "smoke": args.smoke, "compile": args.compile, "device_type": device.type}
+    shared = settings(args, device, data)
     rows = read_rows(args.out)
-    done = {key(r) for r in rows if not (args.retry_failed and r.get("error"))}
-    todo = []
+    recorded = {key(r): r for r in rows}
+    todo, unscored = [], 0
     for seed, model, arm in plan(args.arms, args.seeds, args.model):
         ident = {"arm": arm, "seed": seed, "model": model, **shared, "train_images": n_train}
-        if key(ident) not in done:
+        row = recorded.get(key(ident))
+        if _to_run(row, args):
             todo.append(ident)
-    print(f"{len(todo)} run(s) to do, {len(plan(args.arms, args.seeds, args.model)) - len(todo)} already in {args.out}",
-          flush=True)
+            unscored += row is not None and not row.get("error")
+    print(f"{len(todo)} run(s) to do{f' ({unscored} trained again: INT8 score missing)' if unscored else ''}, "
+          f"{len(plan(args.arms, args.seeds, args.model)) - len(todo)} already in {args.out}", flush=True)
     t_start = time.perf_counter()
     walls: dict[tuple[str, str], list[float]] = {}
     workers = args.int8_workers if args.int8_workers is not None else int(device.type == "cuda")
@@ -348,6 +390,14 @@ def summarise(rows: list[dict], metric: str = "float_acc") -> list[dict]:
     return out
 
 
+def _step_ms(rows: list[dict], capture: bool) -> tuple[str, int]:
+    """The mean steady ms/step of the runs that trained as their key says, and how many did not: a run whose capture
+    failed trained eagerly (it records captured: false), and eager and captured steps are never averaged."""
+    timed = [r for r in rows if _usable(r.get("steady_step_ms"))]
+    kept = [r["steady_step_ms"] for r in timed if r.get("captured", capture) == capture]
+    return (f"  {sum(kept) / len(kept):7.3f}" if kept else ""), len(timed) - len(kept)
+
+
 def _pct(v: float | None, signed: bool = False) -> str:
     return "—" if v is None else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")
 
@@ -362,7 +412,8 @@ def report(rows: list[dict]) -> str:
         devices = sorted({r.get("device", "?") for r in grp}, key=str)
         lines.append(f"{fields['model']} (width {fields['width']}), {fields['epochs']} epochs, batch "
                      f"{fields['batch_size']}, {'/'.join(map(str, images))} training images (data {fields['data']})"
-                     f"{', compiled' if fields['compile'] else ''}{' [smoke]' if fields['smoke'] else ''}; "
+                     f"{', compiled' if fields['compile'] else ''}, {'captured' if fields['capture'] else 'eager'} "
+                     f"step, INT8 PTQ on {fields['int8_batches']} batches{' [smoke]' if fields['smoke'] else ''}; "
                      f"{', '.join(map(str, devices))}")
         for metric, title in (("float_acc", "float"), ("int8_acc", "INT8")):
             summary = summarise(grp, metric)
@@ -375,12 +426,11 @@ def report(rows: list[dict]) -> str:
                 p = s["paired"]
                 ci = f"[{_pct(p.ci[0], True)}, {_pct(p.ci[1], True)}]" if p and p.ci else ""
                 pv = f"{p.p:.3f}" if p and p.p is not None else ""
-                ms = ""
+                ms, note = "", f"  ({s['failed']} without a {title} result)" if s["failed"] else ""
                 if metric == "float_acc":
-                    steps = [r["steady_step_ms"] for r in grp if r["arm"] == s["arm"] and r["seed"] in s["seeds"]
-                             and _usable(r.get("steady_step_ms"))]
-                    ms = f"  {sum(steps) / len(steps):7.3f}" if steps else ""
-                note = f"  ({s['failed']} without a {title} result)" if s["failed"] else ""
+                    ms, eager = _step_ms([r for r in grp if r["arm"] == s["arm"] and r["seed"] in s["seeds"]],
+                                         fields["capture"])
+                    note += f"  ({eager} trained eagerly: ms/step left out)" if eager else ""
                 lines.append(f"  {s['arm']:<13}{s['n']:>3}{_pct(s['mean']):>8}{_pct(s['se']):>7}   "
                              f"{_pct(p.mean, True) if p else '':>6} {ci:>17} {pv:>7}{ms}{note}")
         lines.append("")
@@ -408,7 +458,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax_acc.set_xticks(range(len(arms)), arms)
         ax_acc.set_ylabel("float test accuracy, %")
         ax_acc.set_title(f"{fields['model']} w{fields['width']}, {fields['epochs']} ep, batch {fields['batch_size']}, "
-                         f"data {fields['data']}", fontsize=9)
+                         f"{'captured' if fields['capture'] else 'eager'}, data {fields['data']}", fontsize=9)
         ax_acc.legend(fontsize=7, ncol=2)
         treated = [s for s in summarise(grp) if s["paired"] is not None]
         for i, s in enumerate(treated):
@@ -442,7 +492,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-capture", dest="capture", action="store_false", default=None,
                    help="run every step eagerly on CUDA too (for comparison)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model inside the captured step")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip PTQ + onnxruntime INT8 accuracy")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip PTQ + onnxruntime INT8 accuracy (an invocation without it trains these runs again)")
     p.add_argument("--int8-batches", type=int, default=8, help="PTQ calibration batches of 128 training images")
     p.add_argument("--int8-workers", type=int, help="processes scoring INT8 while the next run trains "
                    "(default: 1 on CUDA, 0 = inline on a CPU)")

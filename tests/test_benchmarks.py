@@ -115,3 +115,18 @@ def test_int8_study_smoke(tmp_path):
     run = results["runs"][0]
     assert {"float_acc", "ptq_acc", "qat_acc", "weights"} <= set(run) and run["qat_export"]["quantized"]
     assert set(results["saturation"]["vgg11_bn"]) >= {"w7", "w8"}
+
+
+def test_the_h200_step_table_computes_its_200_epoch_column():
+    # a derived column follows from its inputs: the steady steps of the JSON record, x 390 steps x 200 epochs
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    table = text.split("| run | steady step (ms) |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    record = json.loads((ROOT / "benchmarks/results/h200_2026-12-04.json").read_text())
+    measured = record["results"]["recipe_reduce_overhead"]["steady_step_ms"]
+    steps, seconds = [], []
+    for line in table:
+        _, ms, s, _ = line.rsplit("|", 3)
+        steps.append([float(v) for v in ms.split("/")])
+        seconds.append([int(v) for v in s.split("/")])
+    assert steps == list(measured.values())
+    assert seconds == [[round(m * (50_000 // 128) * 200 / 1e3) for m in run] for run in steps]

@@ -29,45 +29,36 @@ def naive_augment(img, oy, ox, flip, cy, cx, pad=4, cut=16):
     return out
 
 
-def plain_loop(recipe: FastRecipe, data):
-    """The recipe as anyone writes it: per batch, per image, float lr, the default (hook) SGS, torch.optim.SGD.
+def plain_loop(recipe: FastRecipe, data, scales: list[dict] | None = None):
+    """The recipe as anyone writes it, S applied by hand: per batch, per image, float lr, ``torch.optim.SGD`` on a
+    plain, never-instrumented model (``acb_branches``: the real 3x3 + 1x3 + 3x1 blocks, which carry no S), and
+    before each step every conv weight's ``.grad`` multiplied by its S (``scales[epoch]``: conv name -> S in force
+    that epoch), the paper's update S ⊙ G. One float32 multiply per element, as the library's: the same rounding.
 
     fused=True as in the fast loop: torch's fused kernel rounds the update differently from its foreach kernel (an
-    FMA), and what is under test is the loop, not torch's arithmetic.
+    FMA), and what is under test is the loop and its S, not torch's arithmetic.
     """
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, width=recipe.width)
-    mi = None
     if recipe.arm == "acb_branches":
         model = sgs_fx.transform(model, mode="branches", branches="acb")
-    elif recipe.arm != "baseline":
-        model = sgs_fx.transform(model)
-        if recipe.arm == "acb_fixed":
-            sgs_fx.set_scales(model, {n: sgs_fx.equivalent_scales("acb", (3, 3))[0] for n in sgs_fx.instrumented(model)})
-        else:
-            mi = sgs_fx.MIScheduler(model, [], k=recipe.k, every=recipe.every, warmup=recipe.warmup,
-                                    batches=recipe.mi_batches)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, fused=True)
     images = to_float(data.train_images)
     steps = recipe.max_steps_per_epoch
     for epoch in range(recipe.epochs):
         order, aug = epoch_draws(recipe, len(images), steps, epoch, torch.device("cpu"))
-        batches = []
+        for group in opt.param_groups:
+            group["lr"] = recipe.min_lr + (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * epoch / recipe.epochs)) / 2
+        model.train()
         for s in range(steps):
             idx = range(s * recipe.batch_size, (s + 1) * recipe.batch_size)
             x = torch.stack([naive_augment(images[order[i]], int(aug.crop_y[i]), int(aug.crop_x[i]), bool(aug.flip[i]),
                                            int(aug.cut_y[i]), int(aug.cut_x[i])) for i in idx])
-            batches.append((x, data.train_labels[order[list(idx)]]))
-        for group in opt.param_groups:
-            group["lr"] = recipe.min_lr + (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * epoch / recipe.epochs)) / 2
-        if mi is not None:
-            mi.loader = [x for x, _ in batches[:recipe.mi_batches]]
-            mi.step(epoch)
-        model.train()
-        for x, y in batches:
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(model(x), data.train_labels[order[list(idx)]]).backward()
+            for name, s_conv in (scales[epoch] if scales else {}).items():
+                model.get_submodule(name).weight.grad.mul_(s_conv)
             opt.step()
     return model
 
@@ -76,19 +67,24 @@ def plain_loop(recipe: FastRecipe, data):
 def test_fast_loop_ends_with_the_plain_loops_weights(arm, data):
     recipe = FastRecipe(arm=arm, **RECIPE)
     trainer = FastTrainer(recipe, data, "cpu")
+    scales = []  # S in force in each epoch: what the fast loop's model holds after the epoch's MI calibration
     for epoch in range(recipe.epochs):
         trainer.train_epoch(epoch)
-    reference = plain_loop(recipe, data)
+        scales.append(sgs_fx.get_scales(trainer.model))
+    reference = plain_loop(recipe, data, scales if arm in ("sgs", "acb_fixed") else None)
     fast = trainer.model.state_dict()
     ref = reference.state_dict()
     assert fast.keys() == ref.keys()
-    for name in ref:
+    for name in ref:  # S applied twice, or not at all, by the library ends with other weights
         assert torch.equal(fast[name], ref[name]), name
-    if arm != "baseline":  # the arms really differ from the baseline (S was applied, and did something)
+    if arm == "acb_fixed":  # the S read back is the one the arm means
+        acb = sgs_fx.equivalent_scales("acb", (3, 3))[0]
+        assert all(torch.allclose(s.double(), acb / acb.mean()) for s in scales[0].values())
+    if arm == "sgs":  # calibrated in epochs 1 and 2: S is not ones there, so the equal weights show S applied once
+        assert trainer.mi.last_epoch == 2 and not all(torch.equal(s, torch.ones(3, 3)) for s in scales[1].values())
+    if arm != "baseline":  # the arms really differ from the baseline
         base = plain_loop(FastRecipe(arm="baseline", **RECIPE), data).state_dict()
         assert not torch.equal(sgs_fx.strip(trainer.model).state_dict()["features.0.weight"], base["features.0.weight"])
-    if arm == "sgs":
-        assert trainer.mi.last_epoch == 2 and not all(torch.equal(s, torch.ones(3, 3)) for s in sgs_fx.get_scales(trainer.model).values())
 
 
 def test_the_step_reads_lr_and_S_where_a_captured_graph_would(data):

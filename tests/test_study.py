@@ -1,5 +1,6 @@
 """benchmarks/study.py: interleaved runs, one JSON line each, resume by skipping, the budget, and the report's
 arithmetic against a hand-computed example; benchmarks/stats.py against Student's t table."""
+import argparse
 import json
 import math
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,82 @@ def test_odd_lines_are_skipped_and_a_failed_run_is_recorded_and_not_repeated(tmp
     assert "1 run(s) to do" in capsys.readouterr().out
 
 
+def test_a_failed_run_retried_successfully_is_done(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(study, "train_fast", lambda *a, **kw: (_ for _ in ()).throw(FloatingPointError("nan loss")))
+        study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out)])
+    study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out), "--retry-failed"])
+    (row,) = study.read_rows(out)  # the retry replaces the failed attempt: its error goes with it
+    assert "error" not in row and 0 <= row["float_acc"] <= 1
+    capsys.readouterr()
+    study.main([*SMOKE, "--arms", "sgs", "--seeds", "0", "--out", str(out), "--retry-failed"])
+    assert "0 run(s) to do" in capsys.readouterr().out
+
+
+def test_a_run_without_its_int8_score_trains_again_when_int8_is_scored(tmp_path, capsys):
+    # a slot's time limit can end the INT8 worker after the float line is written: the file then holds the run
+    # without an INT8 line, as after --no-int8; the model is gone, so the run trains again and its row is replaced
+    out = tmp_path / "r.jsonl"
+    cmd = ["--smoke", "--epochs", "1", "--arms", "baseline", "--seeds", "0", "--out", str(out), "--int8-batches", "1",
+           "--int8-workers", "0"]
+    study.main([*cmd, "--no-int8"])
+    capsys.readouterr()
+    study.main(cmd)
+    assert "1 run(s) to do (1 trained again: INT8 score missing)" in capsys.readouterr().out
+    (row,) = study.read_rows(out)
+    assert 0 <= row["int8_acc"] <= 1
+    study.main(cmd)
+    assert "0 run(s) to do" in capsys.readouterr().out
+    failed_int8 = {**{k: v for k, v in row.items() if k != "int8_acc"}, "int8_error": "ValueError: x"}
+    assert not study._to_run(failed_int8, argparse.Namespace(int8=True))  # a failed INT8 score is a result too
+
+
+def test_capture_and_int8_batches_are_part_of_the_key(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    cmd = [*SMOKE, "--arms", "baseline", "--seeds", "0", "--out", str(out)]
+    study.main(cmd)
+    capsys.readouterr()
+    study.main([*cmd, "--int8-batches", "2"])  # another INT8 calibration: another INT8 accuracy, another run
+    assert "1 run(s) to do" in capsys.readouterr().out
+    study.main([*cmd, "--no-capture"])  # a CPU never captures: the same run
+    assert "0 run(s) to do" in capsys.readouterr().out
+    parsed = []
+    monkeypatch.setattr(study, "run_study", parsed.append)
+    study.main(cmd)
+    study.main([*cmd, "--no-capture"])
+    small = data.synthetic_cifar(n_train=16, n_test=8)
+    cuda = [study.settings(args, torch.device("cuda"), small) for args in parsed]
+    assert (cuda[0]["capture"], cuda[1]["capture"]) == (True, False)  # on CUDA the default captures, and times so
+    ident = {"arm": "baseline", "seed": 0, "model": "vgg11_bn"}
+    assert study.key({**ident, **cuda[0]}) != study.key({**ident, **cuda[1]})
+
+
+def test_rows_written_before_capture_and_int8_batches_were_keyed_read_as_the_defaults_then(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    cmd = [*SMOKE, "--arms", "baseline", "--seeds", "0", "--out", str(out)]
+    study.main(cmd)
+    (row,) = lines(out)
+    old = {k: v for k, v in row.items() if k not in ("capture", "int8_batches")}
+    out.write_text(json.dumps(old) + "\n" + json.dumps({**old, "seed": 1, "device_type": "cuda"}) + "\n")
+    cpu, cuda = study.read_rows(out)
+    assert (cpu["capture"], cpu["int8_batches"], cuda["capture"], cuda["int8_batches"]) == (False, 8, True, 8)
+    capsys.readouterr()
+    study.main(cmd)
+    assert "0 run(s) to do" in capsys.readouterr().out
+
+
+def test_report_never_averages_eager_and_captured_steps():
+    rows = _rows("baseline", [0.5, 0.6]) + _rows("sgs", [0.55, 0.65])
+    rows += [dict(r, capture=False, captured=False, steady_step_ms=9.0) for r in _rows("baseline", [0.7])]
+    rows[1] = dict(rows[1], captured=False, steady_step_ms=5.0)  # its capture failed: it trained eagerly
+    text = study.report(rows)
+    captured, eager = text.split("\n\n")
+    assert "captured step" in captured and "eager step" in eager
+    assert "  1.000  (1 trained eagerly: ms/step left out)" in captured and "5.000" not in captured
+    assert "9.000" in eager and "9.000" not in captured
+
+
 def test_bad_arguments_are_refused_before_any_run(tmp_path, capsys):
     out = str(tmp_path / "r.jsonl")
     for bad, says in ((["--seeds", "0", "0"], "--seeds lists a value twice"), (["--int8-batches", "0"], ">= 1"),
@@ -129,7 +207,8 @@ SGS = [0.8010, 0.7911, 0.8073, 0.7810, 0.7881, 0.7816, 0.8103, 0.7739]
 
 def _rows(arm, accs, seeds=None):
     return [{"arm": arm, "seed": s, "model": "vgg11_bn", "width": 1.0, "epochs": 40, "batch_size": 128,
-             "data": "0123456789abcdef", "smoke": False, "compile": False, "device_type": "cuda",
+             "data": "0123456789abcdef", "smoke": False, "compile": False, "capture": True, "int8_batches": 8,
+             "device_type": "cuda", "captured": True,
              "train_images": 15000, "float_acc": a, "steady_step_ms": 1.0}
             for s, a in zip(seeds or range(len(accs)), accs)]
 
