@@ -7,8 +7,8 @@ forward whose weight is a Parameter of the model, with its geometry (the same ``
 trace gives, for ``instrument_functional``). That forward leaves no trace, as MI calibration's: eval mode,
 no_grad, every buffer and the RNG restored (``batches.leave_no_trace``).
 
-Without example inputs the Parameters bound what can be missed: an ``F.conv1d/2d/3d`` kernel has 3 to 5 dims, so
-only a Parameter of that shape that no conv module owns can be one (``loose_kernels``).
+Without example inputs the Parameters bound what can be missed: an ``F.conv1d/2d/3d`` kernel has 3 dims or more,
+so only a Parameter of that shape that no conv module owns can be one (``loose_kernels``).
 """
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ def observe_conv_calls(model: nn.Module, example_inputs) -> Observed:
 
 
 def loose_kernels(model: nn.Module) -> list[str]:
-    """Parameters with a conv kernel's shape (3 to 5 dims) that no conv module owns and no F.conv S holder scales:
+    """Parameters with a conv kernel's shape (3 dims or more) that no conv module owns and no F.conv S holder scales:
     the only ones an ``F.conv*d`` call could use as its weight unseen."""
     owned = {id(p) for m in model.modules() if is_conv_module(m) for p in m.parameters()}
     owned |= {id(m.__dict__.get("_sgs_param")) for m in model.modules() if isinstance(m, SGSGraphWeight)}
     return [name for name, p in model.named_parameters()
-            if id(p) not in owned and not is_lazy(p) and 3 <= p.dim() <= 5]
+            if id(p) not in owned and not is_lazy(p) and p.dim() >= 3]
