@@ -45,6 +45,7 @@ def test_example_inputs_find_the_F_conv_call_of_an_untraceable_model(caplog):
     assert not _warnings(caplog)
     assert "could not trace Untraceable" in caplog.text and "by the example forward: kernel" in caplog.text
     assert "passed no conv" not in caplog.text  # the kernel it saw is not listed as unseen
+    assert "not reached" not in caplog.text  # (an F.conv call's S holder is no conv module the run could reach)
     assert list(sgs_fx.instrumented(sgs)) == ["conv", "sgs_kernel"]
     holder = sgs.sgs_kernel
     assert (holder.stride, holder.padding, holder.dilation, holder.groups) == ((2, 2), (2, 2), (2, 2), 2)

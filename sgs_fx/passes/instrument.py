@@ -130,6 +130,7 @@ def transform(
 
     rank = {name: i for i, name in enumerate(sites.order)}
     candidates.sort(key=lambda n: rank.get(n, len(rank)))
+    walked = list(candidates)  # conv modules: the ones the trace or the example run could have reached
     start = len(already)
     if mode == "sgs":
         tied = _tied_weights(modules, candidates)
@@ -159,7 +160,7 @@ def transform(
     if mode == "sgs":
         computed = computed_kernel_calls(model.graph, model) if isinstance(model, fx.GraphModule) else sites.computed
         _warn_computed_kernels(model, computed + _other_modules_using_scaled_weights(model))
-    not_reached = [n for n in candidates if n not in rank] if sites.order else []
+    not_reached = [n for n in walked if n not in rank] if sites.order else []
     logger.info(
         "sgs_fx.transform: %d conv(s) instrumented in mode %r (%s)%s%s",
         len(candidates), mode,
