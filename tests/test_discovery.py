@@ -88,6 +88,25 @@ def test_the_observation_forward_leaves_no_trace():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in (model.conv, model.bn))  # its hooks removed
 
 
+class TrainOnly(Untraceable):
+    """An F.conv2d call made only in training mode: the example forward (eval mode) cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    def forward(self, x):
+        y = super().forward(x)
+        return F.conv2d(y, self.aux, padding=1) if self.training else y
+
+
+def test_a_call_made_only_in_training_is_named_in_the_info_line(caplog):
+    with caplog.at_level(logging.INFO, logger="sgs_fx"):
+        sgs = sgs_fx.transform(TrainOnly(), example_inputs=(torch.randn(1, 3, 9, 9),))
+    assert not _warnings(caplog) and list(sgs_fx.instrumented(sgs)) == ["conv", "sgs_kernel"]
+    assert "it passed no conv these Parameters with a kernel's shape: aux" in caplog.text
+
+
 def test_a_failing_example_forward_says_so():
     with pytest.raises(RuntimeError, match=r"could not trace Untraceable, and its forward on example_inputs .* failed"):
         sgs_fx.transform(Untraceable(), example_inputs=(torch.randn(2, 5, 9, 9),))  # 5 channels, the conv takes 3
