@@ -1,4 +1,5 @@
-"""From a loader's batch to a model call: shared by the MI scheduler and post-training quantization.
+"""From a loader's batch to a model call: shared by the MI scheduler, post-training quantization and the
+conv discovery of an untraceable model (``passes/discover.py``).
 
 A batch is what a loader yields: an input tensor, or a sequence whose first element is the input (an
 ``(input, target)`` pair). ``input_fn(batch)`` may instead return any model input: a tuple is the
@@ -8,6 +9,7 @@ argument.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -50,3 +52,42 @@ def call(model: nn.Module, inputs):
     if isinstance(inputs, dict):
         return model(**inputs)
     return model(inputs)
+
+
+@contextmanager
+def leave_no_trace(model: nn.Module):
+    """Eval mode and no_grad for forwards that only observe (MI calibration, conv discovery), which leave no trace
+    on the model or the RNG.
+
+    A ``torch.export`` module keeps the mode it was exported in (``eval()`` does not reach its graph): exported in
+    train mode, its BatchNorm would update its running statistics and its dropout draw random masks. So every
+    buffer is restored afterwards (BatchNorm statistics, fake-quant ranges; S is written after this), and the
+    forwards run on a forked RNG with a fixed seed: the same data always gives the same S.
+    """
+    modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode, not just the root's
+    try:
+        model.eval()
+    except (NotImplementedError, RuntimeError):
+        pass  # torch.export's modules keep the mode they were exported in
+    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None and not b.is_meta]
+    try:
+        with torch.no_grad(), rng_untouched():
+            torch.manual_seed(0)
+            yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, value in saved:
+                now = m._buffers.get(name)
+                if now is not b or b.shape != value.shape:  # replaced or resized (a fake-quant's first ranges)
+                    m._buffers[name] = value
+                elif 0 not in b.stride():  # (a broadcast view cannot have been written: nothing to restore)
+                    b.copy_(value)
+        for m, training in modes.items():
+            m.training = training
+
+
+def rng_untouched():
+    """The CPU and every CUDA device's random state, restored afterwards."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)

@@ -104,11 +104,12 @@ def test_double_transform_is_idempotent_and_strip_of_plain_is_noop():
     assert sgs_fx.strip(plain, inplace=True) is plain
 
 
-def test_trace_failure_falls_back_with_one_warning(caplog):
+def test_trace_failure_falls_back_to_the_module_walk(caplog):
+    # nothing can be missed (every conv-shaped Parameter is a conv module's): no warning, the reason is logged
     with caplog.at_level(logging.INFO, logger="sgs_fx"):
         sgs = sgs_fx.transform(Dynamic(), example_inputs=(torch.ones(1, 3, 8, 8),))
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "could not trace Dynamic" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "could not trace Dynamic (TraceError" in caplog.text
     assert list(sgs_fx.instrumented(sgs)) == ["a", "b", "unused"]  # never-called conv still instrumented
     assert "not reached by the example run: unused" in caplog.text
 

@@ -42,14 +42,19 @@ def is_conv_node(node: fx.Node) -> bool:
 
 def conv_args(node: fx.Node) -> dict | None:
     """stride / padding / dilation / groups of a conv node, or None for a transposed convolution."""
-    args = list(node.args) + [None] * 9
-    kw = node.kwargs
-    if node.target is aten.convolution.default:
+    return call_geometry(node.target, node.args, node.kwargs)
+
+
+def call_geometry(target, call_args: tuple, kw: dict) -> dict | None:
+    """stride / padding / dilation / groups of a conv call ``target(*call_args, **kw)`` (a graph node's, or one
+    seen running), or None for a transposed convolution."""
+    args = list(call_args) + [None] * 9
+    if target is aten.convolution.default:
         if args[6] or kw.get("transposed"):
             return None
         return {"stride": args[3], "padding": args[4], "dilation": args[5], "groups": args[8]}
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    got = {n: (args[i] if i < len(node.args) else kw.get(n)) for i, n in enumerate(names)}
+    got = {n: (args[i] if i < len(call_args) else kw.get(n)) for i, n in enumerate(names)}
     return {"stride": got["stride"] or 1, "padding": 0 if got["padding"] is None else got["padding"],
             "dilation": got["dilation"] or 1, "groups": got["groups"] or 1}
 
@@ -216,4 +221,5 @@ def graph_conv_count(gm: fx.GraphModule) -> int:
     return sum(is_conv_node(n) for n in gm.graph.nodes)
 
 
-__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "conv_args", "graph_conv_count", "computed_kernel_calls"]
+__all__ = ["instrument_graph", "strip_graph", "is_conv_node", "conv_args", "graph_conv_count", "computed_kernel_calls",
+           "call_geometry"]

@@ -48,7 +48,9 @@ def transform(
         scales: optional initial S per qualified conv name (default: ones, i.e. plain training).
         filter_fn: ``(qualified_name, module) -> bool`` replacing the default selection (all spatial
             kernel dims > 1).
-        example_inputs: a tuple of inputs; used only when fx tracing fails, to find the call order.
+        example_inputs: the model's inputs (a tuple: positional arguments; a dict: keyword arguments), used only
+            when fx tracing fails: one forward on them (eval mode, no_grad, the model's buffers and the RNG left
+            as they were) finds the ``F.conv*d`` calls with a Parameter as their kernel, and the call order.
         inplace: modify ``model`` itself; otherwise a deep copy is transformed and returned.
         branches: ``mode="branches"`` only: a recipe name ("acb", "repvgg", "skeleton") or a list of
             ``(kernel_shape, alpha)`` pairs; default: masked branches reproducing ``scales``.
@@ -108,12 +110,7 @@ def transform(
             "blocks replace conv modules only. Use mode='sgs' (the default) on graphs")
     sites = _graph_sites(model) if isinstance(model, fx.GraphModule) else find_conv_call_sites(model, example_inputs)
     if not sites.traced:
-        logger.warning(
-            "sgs_fx.transform: torch.fx could not trace %s (%s); instrumenting conv modules found by "
-            "walking named_modules() instead%s; functional F.conv calls are not instrumented",
-            type(model).__name__, sites.error,
-            " (call order from example_inputs)" if sites.order else "",
-        )
+        _report_untraced(model, sites)
 
     calls = [c for c in sites.functional_calls if mode == "sgs"]
     if not candidates and not already and not conv_nodes and not calls:
@@ -133,6 +130,7 @@ def transform(
 
     rank = {name: i for i, name in enumerate(sites.order)}
     candidates.sort(key=lambda n: rank.get(n, len(rank)))
+    walked = list(candidates)  # conv modules: the ones the trace or the example run could have reached
     start = len(already)
     if mode == "sgs":
         tied = _tied_weights(modules, candidates)
@@ -162,11 +160,12 @@ def transform(
     if mode == "sgs":
         computed = computed_kernel_calls(model.graph, model) if isinstance(model, fx.GraphModule) else sites.computed
         _warn_computed_kernels(model, computed + _other_modules_using_scaled_weights(model))
-    not_reached = [n for n in candidates if n not in rank] if sites.order else []
+    not_reached = [n for n in walked if n not in rank] if sites.order else []
     logger.info(
         "sgs_fx.transform: %d conv(s) instrumented in mode %r (%s)%s%s",
         len(candidates), mode,
-        "by fx trace" if sites.traced else "by module walk, trace failed",
+        "by fx trace" if sites.traced else
+        f"by module walk{' and an example forward' if sites.observed else ''}, trace failed",
         f", {len(already)} already instrumented" if already else "",
         f"; not reached by the {'trace' if sites.traced else 'example run'}: {', '.join(not_reached)}"
         if not_reached else "",
@@ -177,6 +176,27 @@ def transform(
         # an optimizer built on `source` before transform trains nothing: warned at its step
         remember_copies(source, model, [_target_of(m) for m in instrumented(model).values() if is_sgs_conv(m)])
     return model
+
+
+def _report_untraced(model: nn.Module, sites: CallSites) -> None:
+    """How convs were found without a trace: a warning only if an F.conv*d call may be missed, naming the
+    Parameters it could use and the fix; otherwise one info line."""
+    why = f"torch.fx could not trace {type(model).__name__} ({sites.error})"
+    loose = ", ".join(sites.loose[:8]) + (f", ... ({len(sites.loose)} in all)" if len(sites.loose) > 8 else "")
+    if sites.observed:
+        logger.info("sgs_fx.transform: %s; conv modules found by walking named_modules(), F.conv*d calls by the "
+                    "example forward: %s%s", why, ", ".join(sites.functional) or "none",
+                    f"; it passed no conv these Parameters with a kernel's shape: {loose}" if loose else "")
+    elif sites.loose:
+        logger.warning(
+            "sgs_fx.transform: %s, so its F.conv*d calls can only be found by running it. Every conv module is "
+            "instrumented, but %d Parameter(s) with a conv kernel's shape belong to no conv module (%s): an "
+            "F.conv*d call with one of them would get no S. Pass example_inputs=(<a batch>,) to transform to find "
+            "those calls with one forward (eval mode, no_grad; the model's state is left as it was)",
+            why, len(sites.loose), loose)
+    else:
+        logger.info("sgs_fx.transform: %s; conv modules found by walking named_modules(); every Parameter with a "
+                    "conv kernel's shape belongs to one, so no F.conv*d call can be missed", why)
 
 
 def _other_modules_using_scaled_weights(model: nn.Module) -> list[tuple[str, list[str]]]:

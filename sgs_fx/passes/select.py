@@ -18,6 +18,12 @@ def is_plain_conv(m: nn.Module) -> bool:
     return (isinstance(m, _ConvNd) and not m.transposed) or is_deform_conv(m)
 
 
+def is_conv_module(m: nn.Module | None) -> bool:
+    """A module whose forward is one conv of its own weight (any ``_ConvNd``, transposed too; a DeformConv2d; an
+    instrumented block): the tracer keeps it as a leaf, and a conv call inside its forward is its own."""
+    return isinstance(m, _ConvNd) or is_deform_conv(m) or getattr(m, "_sgs_leaf", False)
+
+
 def is_deform_conv(m: nn.Module) -> bool:
     return any(c.__name__ == "DeformConv2d" and c.__module__.startswith("torchvision.ops") for c in type(m).__mro__)
 

@@ -2,7 +2,8 @@
 
 Tracing can fail on data-dependent control flow (detection models, for instance). The pass then falls
 back to a walk over ``named_modules()``; instrumentation is local to each conv module, so coverage of
-conv *modules* stays complete. Only functional ``F.conv*d`` calls need the graph.
+conv *modules* stays complete. Functional ``F.conv*d`` calls are then found by one observed forward on
+``example_inputs``, or, without them, bounded by the Parameters that could be their kernels (``discover.py``).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
+from .discover import loose_kernels, observe_conv_calls
 from .graph import computed_kernel_calls, conv_args
-from .select import is_deform_conv
+from .select import is_conv_module, is_deform_conv
 
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 
@@ -30,6 +32,9 @@ class CallSites:
         functional_calls: the same calls with their geometry, in call order.
         computed: conv calls whose kernel is computed from parameters (see ``graph.computed_kernel_calls``).
         error: why tracing failed, if it did.
+        observed: tracing failed and one forward on example inputs found the calls instead.
+        loose: tracing failed: Parameters with a conv kernel's shape that no conv module owns and no observed
+            call used (an ``F.conv*d`` call with one of them would get no S).
     """
 
     traced: bool
@@ -38,17 +43,19 @@ class CallSites:
     functional_calls: list[tuple[str, dict]] = field(default_factory=list)  # (parameter, stride/padding/...)
     computed: list[tuple[str, list[str]]] = field(default_factory=list)  # conv calls with a computed kernel
     error: str | None = None
+    observed: bool = False
+    loose: list[str] = field(default_factory=list)
 
 
 class _ConvLeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Never trace into a conv: tracing through the scaling autograd function would drop it silently.
-        return (isinstance(m, _ConvNd) or is_deform_conv(m) or getattr(m, "_sgs_leaf", False)
-                or super().is_leaf_module(m, qualname))
+        return is_conv_module(m) or super().is_leaf_module(m, qualname)
 
 
 def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) -> CallSites:
-    """Trace ``model`` and list its conv call sites; fall back to running ``example_inputs`` if given."""
+    """Trace ``model`` and list its conv call sites; if tracing fails, observe one forward on ``example_inputs``
+    (when given) instead."""
     if isinstance(model, _ConvNd):  # the root itself is the conv: its own weight is no functional call
         return CallSites(traced=True, order=[""])
     try:
@@ -56,7 +63,10 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         sites = CallSites(traced=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
         if example_inputs is not None:
-            sites.order = _order_by_running(model, example_inputs)
+            seen = observe_conv_calls(model, example_inputs)
+            sites.order, sites.functional_calls, sites.observed = seen.order, seen.calls, True
+            sites.functional = list(dict.fromkeys(p for p, _ in seen.calls))
+        sites.loose = [n for n in loose_kernels(model) if n not in sites.functional]
         return sites
     modules = dict(model.named_modules())
     sites = CallSites(traced=True)
@@ -72,21 +82,3 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
                 sites.functional_calls.append((weight.target, conv_args(node)))
     sites.computed = computed_kernel_calls(graph, model)
     return sites
-
-
-def _order_by_running(model: nn.Module, example_inputs: tuple) -> list[str]:
-    order: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, _ConvNd) or is_deform_conv(m):
-            handles.append(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))

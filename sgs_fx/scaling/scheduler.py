@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 import contextlib
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import call, first_input, to_model
+from ..batches import call, first_input, leave_no_trace, rng_untouched, to_model
 from ..ops import _SGSOwnForwardMixin, is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
 from ..passes.functional import ObserveFunctionalConvs, observe_conv_ops
@@ -109,7 +108,7 @@ class MIScheduler:
         inputs = self._draw_inputs(root)
         stats = {n: PairStats(ConvGeometry.of(m), m.in_channels, zero_removal=self.zero_removal,
                               device=m.sgs_scale.device) for n, m in convs.items()}
-        with _eval_no_grad(root):
+        with leave_no_trace(root):
             kept = self._pass1(root, convs, inputs, stats)
             _reduce_ranges(list(stats.values()))
             if not _all_ranks_agree(kept is not None, device=next(iter(stats.values())).lo.device):
@@ -146,7 +145,7 @@ class MIScheduler:
         # A shuffling loader draws its order from the global RNG: on a forked one, calibration sees the batches
         # the epoch will then train on first, and leaves the training's random stream where it was.
         inputs = []
-        with _rng_untouched():
+        with rng_untouched():
             for batch in self.loader:
                 inputs.append(to_model(self.input_fn(batch), root))
                 if len(inputs) == self.batches:
@@ -216,44 +215,6 @@ class MIScheduler:
         set_scales(self.model, state["scales"])
         self.last_epoch, self.last_recompute = state["last_epoch"], state["last_recompute"]
         self._warned = set(state.get("warned", ()))
-
-
-@contextmanager
-def _eval_no_grad(model: nn.Module):
-    """Eval mode and no_grad for the calibration forwards, which leave no trace on the model or the RNG.
-
-    A ``torch.export`` module keeps the mode it was exported in (``eval()`` does not reach its graph): exported in
-    train mode, its BatchNorm would update its running statistics and its dropout draw random masks. So every
-    buffer is restored afterwards (BatchNorm statistics, fake-quant ranges; S is written after this), and the
-    forwards run on a forked RNG with a fixed seed: the same data always gives the same S.
-    """
-    modes = {m: m.training for m in model.modules()}  # restore each submodule's own mode, not just the root's
-    try:
-        model.eval()
-    except (NotImplementedError, RuntimeError):
-        pass  # torch.export's modules keep the mode they were exported in
-    saved = [(m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items()
-             if b is not None and not b.is_meta]
-    try:
-        with torch.no_grad(), _rng_untouched():
-            torch.manual_seed(0)
-            yield
-    finally:
-        with torch.no_grad():
-            for m, name, b, value in saved:
-                now = m._buffers.get(name)
-                if now is not b or b.shape != value.shape:  # replaced or resized (a fake-quant's first ranges)
-                    m._buffers[name] = value
-                elif 0 not in b.stride():  # (a broadcast view cannot have been written: nothing to restore)
-                    b.copy_(value)
-        for m, training in modes.items():
-            m.training = training
-
-
-def _rng_untouched():
-    """The CPU and every CUDA device's random state, restored afterwards."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def _distributed() -> bool:
