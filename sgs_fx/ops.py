@@ -696,10 +696,10 @@ class SGSGraphWeight(nn.Module):
         out = super()._apply(fn, recurse)
         _keep_scale(self, old)
         attach_hook(self)
-        if self.__dict__.get("_sgs_functional") and not scales_at_step(self) and \
-                torch.__future__.get_swap_module_params_on_conversion():
-            # the owner swaps its parameters after its children: this hook is about to be dropped, and only the
-            # owner's next eager forward re-attaches it (a compiled forward refuses until then)
+        if self.__dict__.get("_sgs_functional") and torch.__future__.get_swap_module_params_on_conversion():
+            # the owner swaps its parameters after its children: this hook (under scaling="step", the one that records
+            # new gradients) is about to be dropped, and only the owner's next eager forward re-attaches it (a
+            # compiled forward refuses until then)
             self.__dict__["_sgs_swapped"] = True
         return out
 

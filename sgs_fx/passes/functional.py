@@ -34,7 +34,7 @@ def _check_hooks(owner: nn.Module, args) -> None:
                 raise RuntimeError(
                     f"sgs_fx: the gradient hook of {type(owner).__name__}'s F.conv kernel was dropped by a tensor swap "
                     "(to() or load_state_dict under torch.__future__.set_swap_module_params_on_conversion); run "
-                    "one eager forward before the compiled one, or transform with scaling='step' (the default)")
+                    "one eager forward before the compiled one")
         return
     for mod, param in _holders_and_params(owner):
         # same object, other C++ tensor: torch.utils.swap_tensors (to() / load_state_dict under
