@@ -85,7 +85,7 @@ class StepCheck:
                 holder = torch.zeros_like(p)
                 holder.grad = g
                 holders.append(holder)
-            torch.nn.utils.clip_grad_norm_(holders, max_norm=MAX_NORM)
+            norm = torch.nn.utils.clip_grad_norm_(holders, max_norm=MAX_NORM).item()
             clipped = {id(p): h.grad for p, h in zip(params, holders)}
             for name, conv in sgs_fx.instrumented(model).items():
                 g = clipped[id(conv.weight)]
@@ -94,7 +94,7 @@ class StepCheck:
             expected = sgd_step_on_copies(opt, clipped)
             original()
             actual = {id(p): p.detach().clone() for group in opt.param_groups for p in group["params"]}
-            self.steps.append(dict(expected=expected, actual=actual, scales=scales,
+            self.steps.append(dict(expected=expected, actual=actual, scales=scales, norm=norm,
                                    conv_weights={id(c.weight) for c in sgs_fx.instrumented(model).values()}))
 
         trainer.optimizer_step = optimizer_step
@@ -131,6 +131,7 @@ def test_yolo_train_applies_s_at_every_step_saves_it_and_strips_for_export(data,
     assert non_uniform(scales) and sgs.scheduler.last_recompute == 0
     assert len(scales) == 39  # every k>1 conv of YOLOv8n
     check.assert_exact(2)
+    assert any(step["norm"] > MAX_NORM for step in check.steps)  # the clipping was active: S scales clip(G)
     for step in check.steps:
         assert_scales_equal(step["scales"], scales)  # the MI schedule's S is what reached the step
 
@@ -199,3 +200,23 @@ def test_a_non_sgd_optimizer_is_named_and_the_events_must_come_in_order(caplog):
     with caplog.at_level(logging.WARNING, logger="sgs_fx"):
         callbacks.on_pretrain_routine_end(trainer)
     assert "built AdamW" in caplog.text and "optimizer='SGD'" in caplog.text
+
+
+def test_the_docs_page_block_runs_as_printed(data, tmp_path, monkeypatch):
+    """docs/ultralytics.md's example, with the tiny dataset and CPU settings standing in for coco8 and 100 epochs."""
+    import re
+    from pathlib import Path
+
+    from ultralytics.engine.model import Model
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ultralytics.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    train = Model.train
+    monkeypatch.setattr(Model, "train", lambda self, **kw: train(self, **{**kw, **train_args(data, tmp_path)}))
+    namespace = {}
+    exec(compile(block, "docs/ultralytics.md", "exec"), namespace)
+    model = namespace["model"]
+    assert not sgs_fx.instrumented(model.model)
+    scales = sgs_fx.get_scales(torch.load(model.trainer.last, map_location="cpu", weights_only=False)["model"])
+    assert len(scales) == 39 and not non_uniform(scales)  # the default warmup=1: one epoch trains on S = ones
+    assert (tmp_path / "run" / "weights" / "best.onnx").exists()

@@ -1,7 +1,8 @@
-"""SGS in an Ultralytics training run (YOLOv8/YOLO11 detection, segmentation, pose; RT-DETR): callbacks.
+"""SGS in an Ultralytics training run: two callbacks on the trainer's own events (docs/ultralytics.md).
 
-    from ultralytics import YOLO
+    import sgs_fx
     from sgs_fx.integrations.ultralytics import add_sgs
+    from ultralytics import YOLO
 
     model = YOLO("yolov8n.yaml")
     add_sgs(model)                                        # k=5, every=5, warmup=1, batches=2 (the paper's)
@@ -25,8 +26,9 @@ leaves the training stream as it was.
 
 Checkpoints written with SGS unpickle SGS convs: load them with ``sgs_fx`` importable. Ultralytics' ``fuse()``
 accepts an SGS model (the final validation of ``best.pt`` runs it); strip before exporting so the exported graph is
-the plain model's. Python callbacks do not reach Ultralytics' multi-GPU workers (it relaunches the trainer in
-subprocesses from its class name): there, SGS is not applied. Needs ``ultralytics``; sgs_fx does not.
+the plain model's. Tested on YOLOv8n detection; only ``BaseTrainer``'s events and attributes are used. Python
+callbacks do not reach Ultralytics' multi-GPU workers (it relaunches the trainer in subprocesses from its class
+name): there, SGS is not applied. Needs ``ultralytics``; sgs_fx does not.
 """
 from __future__ import annotations
 
