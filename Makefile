@@ -2,6 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+ZOO    := $(VENV)/.installed-zoo
 PYTEST ?= -q
 
 .PHONY: install test test-slow demo bench clean
@@ -12,12 +13,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[onnx,plots,test]'
 	touch $(STAMP)
 
+# the slow suite's model zoos (ultralytics, MONAI, smp, transformers); torch pinned again so pip keeps it
+$(ZOO): $(STAMP)
+	$(PY) -m pip install -q -e '.[onnx,plots,test,zoo]' torch==2.14.1 torchvision==0.29.1
+	touch $(ZOO)
+
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST)
 
-test-slow: $(STAMP)
+test-slow: $(ZOO)
 	$(PY) -m pytest $(PYTEST) -m slow
 
 demo: $(STAMP)

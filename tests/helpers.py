@@ -145,3 +145,23 @@ class gloo_group:
             sys.stderr.flush()
             os._exit(0)
         return False
+
+
+def sgd_step_on_copies(optimizer, grads: dict) -> dict:
+    """What ``optimizer.step()`` gives its parameters when their gradients are ``grads`` (id(param) -> tensor or
+    None): torch.optim.SGD's own step, with the same param groups (hyperparameters, ``foreach``) and state (momentum
+    buffers), run on copies, so the parameters and the optimizer are left as they are. ``optimizer`` is a
+    ``torch.optim.SGD`` or a wrapper exposing its ``param_groups`` and ``state_dict`` (accelerate's). Returns
+    id(param) -> the updated copy."""
+    import copy
+
+    copies = {id(p): p.detach().clone() for group in optimizer.param_groups for p in group["params"]}
+    for key, c in copies.items():
+        g = grads.get(key)
+        c.grad = None if g is None else g.detach().clone()
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [copies[id(p)] for p in group["params"]]}
+              for group in optimizer.param_groups]
+    hand = torch.optim.SGD(groups)
+    hand.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    hand.step()
+    return {key: c.detach() for key, c in copies.items()}

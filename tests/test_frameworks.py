@@ -238,3 +238,59 @@ def test_lightning_callback_names_a_missing_forward_and_takes_a_model():
     callback = SGSCallback(warmup=0, model=lambda pl: pl.net)
     _trainer(1, "64-true", [callback], enable_checkpointing=False).fit(lit, loader)
     assert not all(torch.equal(s, torch.ones_like(s)) for s in sgs_fx.get_scales(lit.net).values())
+
+
+# --- Hugging Face Trainer -------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # transformers is in the zoo extra, which `make test-slow` installs
+def test_hugging_face_trainer_steps_s_times_its_clipped_gradient(tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (pip install -e '.[zoo]'; make test-slow installs it)")
+    from helpers import random_scales, sgd_step_on_copies
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = sgs_fx.transform(transformers.ResNetForImageClassification(config).double())
+    sgs_fx.set_scales(model, random_scales(model, torch.Generator().manual_seed(1)))
+    scales = sgs_fx.get_scales(model)
+    assert len(scales) == 3  # the 7x7 stem and the two 3x3 convs (its 1x1 shortcut is not selected)
+    g = torch.Generator().manual_seed(2)
+    examples = [{"pixel_values": torch.randn(3, 16, 16, generator=g, dtype=torch.float64),
+                 "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(12)]
+    weights = {id(sgs_fx.instrumented(model)[n].weight): n for n in scales}
+
+    class StepCheck(transformers.TrainerCallback):
+        """Before each step: the optimizer's own SGD on copies, with S ⊙ G for the conv weights and G for the rest
+        (G is what the Trainer left in .grad: clipped, unscaled). After it: the weights it wrote."""
+
+        def __init__(self):
+            self.expected, self.steps = None, []
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            grads = {}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    grads[id(p)] = None if p.grad is None else p.grad * scales[weights[id(p)]] \
+                        if id(p) in weights else p.grad
+            self.expected = sgd_step_on_copies(optimizer, grads)
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            actual = {id(p): p.detach().clone() for group in optimizer.param_groups for p in group["params"]}
+            self.steps.append((self.expected, actual, optimizer))
+
+    check = StepCheck()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), optim="sgd", optim_args="momentum=0.9,nesterov=True", learning_rate=0.1,
+        weight_decay=1e-3, max_grad_norm=0.05, lr_scheduler_type="constant", per_device_train_batch_size=4,
+        num_train_epochs=1, use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=examples, callbacks=[check]).train()
+
+    assert len(check.steps) == 3
+    inner = getattr(check.steps[0][2], "optimizer", check.steps[0][2])  # accelerate's wrapper holds torch's
+    assert type(inner) is torch.optim.SGD and inner.param_groups[0]["nesterov"]
+    assert set(weights) <= set(check.steps[0][1])  # every SGS weight is stepped by the Trainer's optimizer
+    for expected, actual, _ in check.steps:
+        assert expected.keys() == actual.keys()
+        for key in actual:
+            assert torch.equal(actual[key], expected[key])

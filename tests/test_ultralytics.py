@@ -1,0 +1,222 @@
+"""SGS in an Ultralytics YOLO training run (issue 27, item 4): ``add_sgs(model)`` before ``model.train``.
+
+One epoch of YOLOv8n on a tiny synthetic dataset (CPU, 64 px): at every optimizer step of Ultralytics' own loop
+the weights move exactly as torch.optim.SGD moves them with S ⊙ clip(G) for the conv weights and clip(G) for every
+other parameter (the trainer clips G, then steps); S is the MI schedule's, written into the EMA copy and pickled
+with it into last.pt/best.pt, from which a resumed run restores it; the trained model strips to a plain one that
+Ultralytics' fuse and ONNX exporter take. Slow (Ultralytics is a test extra: ``pip install -e '.[zoo]'``); nothing
+is downloaded (tests/conftest.py sets Ultralytics offline).
+"""
+import logging
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import sgs_fx
+from helpers import sgd_step_on_copies
+
+pytestmark = pytest.mark.slow
+
+ultralytics = pytest.importorskip(
+    "ultralytics", reason="ultralytics is not installed (pip install -e '.[zoo]'; make test-slow installs it)")
+
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
+
+from sgs_fx.integrations.ultralytics import SCHEDULE_ATTR, SGSCallbacks, _CalibrationBatches, add_sgs  # noqa: E402
+
+IMGSZ = 64
+MAX_NORM = 10.0  # BaseTrainer.optimizer_step: clip_grad_norm_(model.parameters(), max_norm=10.0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 training and 8 validation images (64 px), one box of one of two classes each, as a YOLO data.yaml."""
+    import cv2
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("yolo_data")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(8):
+            img = rng.integers(0, 60, (IMGSZ, IMGSZ, 3), dtype=np.uint8)
+            x0, y0 = rng.integers(4, 32, 2)
+            w, h = rng.integers(12, 28, 2)
+            c = int(rng.integers(0, 2))
+            img[y0:y0 + h, x0:x0 + w] = (200, 60 + 120 * c, 30)
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
+            (root / "labels" / split / f"{i}.txt").write_text(
+                f"{c} {(x0 + w / 2) / IMGSZ} {(y0 + h / 2) / IMGSZ} {w / IMGSZ} {h / IMGSZ}\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+    return root / "data.yaml"
+
+
+def train_args(data, project, **kw):
+    # batch 4 and nbs 4: one optimizer step per batch (no accumulation), two per epoch; plots off (they would fetch
+    # a font); one epoch has no warm-up (the trainer keeps the last epoch out of it)
+    return {**dict(data=str(data), epochs=1, imgsz=IMGSZ, batch=4, nbs=4, workers=0, device="cpu", optimizer="SGD",
+                   amp=False, plots=False, project=str(project), name="run", exist_ok=True, verbose=False, seed=0),
+            **kw}
+
+
+class StepCheck:
+    """Wraps the trainer's ``optimizer_step`` (unscale, clip G over the model's parameters, step, EMA update): before
+    it, the expected update by hand (clip a copy of G the same way, multiply each conv's by S, then the optimizer's
+    own SGD step on copies); after it, the weights the optimizer wrote."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pretrain_routine_end(self, trainer):  # added after add_sgs's: the model is instrumented by now
+        original = trainer.optimizer_step
+
+        def optimizer_step():
+            model, opt = unwrap_model(trainer.model), trainer.optimizer
+            scales = sgs_fx.get_scales(model)
+            params = list(model.parameters())
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            holders = []
+            for p, g in zip(params, grads):  # clip_grad_norm_ on copies, in the model's parameter order
+                holder = torch.zeros_like(p)
+                holder.grad = g
+                holders.append(holder)
+            norm = torch.nn.utils.clip_grad_norm_(holders, max_norm=MAX_NORM).item()
+            clipped = {id(p): h.grad for p, h in zip(params, holders)}
+            for name, conv in sgs_fx.instrumented(model).items():
+                g = clipped[id(conv.weight)]
+                if g is not None:
+                    g.mul_(scales[name].to(g.dtype))
+            expected = sgd_step_on_copies(opt, clipped)
+            original()
+            actual = {id(p): p.detach().clone() for group in opt.param_groups for p in group["params"]}
+            self.steps.append(dict(expected=expected, actual=actual, scales=scales, norm=norm,
+                                   conv_weights={id(c.weight) for c in sgs_fx.instrumented(model).values()}))
+
+        trainer.optimizer_step = optimizer_step
+
+    def assert_exact(self, n_steps):
+        assert len(self.steps) == n_steps
+        for step in self.steps:
+            assert step["expected"].keys() == step["actual"].keys()
+            assert step["conv_weights"] <= step["actual"].keys()  # every SGS weight is stepped by this optimizer
+            for key in step["actual"]:
+                assert torch.equal(step["actual"][key], step["expected"][key])
+
+
+def assert_scales_equal(a, b):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k].float(), b[k].float()), k
+
+
+def non_uniform(scales):
+    return any(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
+
+
+def test_yolo_train_applies_s_at_every_step_saves_it_and_strips_for_export(data, tmp_path):
+    model = YOLO("yolov8n.yaml")
+    sgs = add_sgs(model, warmup=0)  # S from the data before the first step
+    check = StepCheck()
+    model.add_callback("on_pretrain_routine_end", check.on_pretrain_routine_end)
+    model.train(**train_args(data, tmp_path))
+    trainer = model.trainer
+
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    scales = sgs.scheduler.state_dict()["scales"]
+    assert non_uniform(scales) and sgs.scheduler.last_recompute == 0
+    assert len(scales) == 39  # every k>1 conv of YOLOv8n
+    check.assert_exact(2)
+    assert any(step["norm"] > MAX_NORM for step in check.steps)  # the clipping was active: S scales clip(G)
+    for step in check.steps:
+        assert_scales_equal(step["scales"], scales)  # the MI schedule's S is what reached the step
+
+    # the EMA copy carries S, and so do the checkpoints, which pickle it (best.pt is what train() loaded back)
+    assert_scales_equal(sgs_fx.get_scales(trainer.ema.ema), scales)
+    for ckpt_path in (trainer.last, trainer.best):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = ckpt["ema"] or ckpt["model"]
+        assert_scales_equal(sgs_fx.get_scales(saved), scales)
+        assert getattr(saved, SCHEDULE_ATTR)["last_recompute"] == 0
+    assert_scales_equal(sgs_fx.get_scales(model.model), scales)
+
+    # calibration draws the trainer's preprocessed training images on saved random states (Python's and NumPy's;
+    # the scheduler forks torch's): the augmentation stream the epoch trains on is left as it was
+    before = random.getstate(), np.random.get_state()[1].copy()
+    images = list(_CalibrationBatches(trainer, 2))
+    assert random.getstate() == before[0] and np.array_equal(np.random.get_state()[1], before[1])
+    assert [tuple(x.shape) for x in images] == [(4, 3, IMGSZ, IMGSZ)] * 2
+    assert all(x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 for x in images)
+
+    # strip before the exporter: a plain DetectionModel (the keys of one never transformed), then ONNX
+    sgs_fx.strip(model.model, inplace=True)
+    assert not sgs_fx.instrumented(model.model)
+    assert not any(type(m).__module__.startswith("sgs_fx") for m in model.model.modules())
+    fresh = YOLO("yolov8n.yaml").model
+    assert model.model.state_dict().keys() == fresh.state_dict().keys()
+    onnx_file = model.export(format="onnx", imgsz=IMGSZ, simplify=False)
+    assert onnx_file.endswith(".onnx")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_yolo_resume_restores_s_from_the_checkpoint(data, tmp_path):
+    def stop_after_first_save(trainer):
+        raise Interrupted
+
+    first = YOLO("yolov8n.yaml")
+    sgs = add_sgs(first, warmup=0, every=5)  # S computed at epoch 0 only: a resumed epoch 1 must restore it
+    first.add_callback("on_model_save", stop_after_first_save)
+    with pytest.raises(Interrupted):
+        first.train(**train_args(data, tmp_path, epochs=2))
+    saved = sgs.scheduler.state_dict()["scales"]
+    assert non_uniform(saved)
+
+    resumed = YOLO(str(tmp_path / "run" / "weights" / "last.pt"))
+    sgs2 = add_sgs(resumed, warmup=0, every=5)
+    check = StepCheck()
+    resumed.add_callback("on_pretrain_routine_end", check.on_pretrain_routine_end)
+    resumed.train(resume=True)
+    assert resumed.trainer.start_epoch == 1
+    assert sgs2.scheduler.last_recompute == 0  # restored, not recomputed from the epoch-1 weights
+    check.assert_exact(2)
+    for step in check.steps:
+        assert_scales_equal(step["scales"], saved)
+
+
+def test_a_non_sgd_optimizer_is_named_and_the_events_must_come_in_order(caplog):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    trainer = SimpleNamespace(model=net, ema=None, optimizer=torch.optim.AdamW(net.parameters()), epoch=0,
+                              resume=False, args=SimpleNamespace(resume=False))
+    callbacks = SGSCallbacks()
+    with pytest.raises(RuntimeError, match="before on_pretrain_routine_end"):
+        callbacks.on_train_epoch_start(trainer)
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        callbacks.on_pretrain_routine_end(trainer)
+    assert "built AdamW" in caplog.text and "optimizer='SGD'" in caplog.text
+
+
+def test_the_docs_page_block_runs_as_printed(data, tmp_path, monkeypatch):
+    """docs/ultralytics.md's example, with the tiny dataset and CPU settings standing in for coco8 and 100 epochs."""
+    import re
+    from pathlib import Path
+
+    from ultralytics.engine.model import Model
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ultralytics.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    train = Model.train
+    monkeypatch.setattr(Model, "train", lambda self, **kw: train(self, **{**kw, **train_args(data, tmp_path)}))
+    namespace = {}
+    exec(compile(block, "docs/ultralytics.md", "exec"), namespace)
+    model = namespace["model"]
+    assert not sgs_fx.instrumented(model.model)
+    scales = sgs_fx.get_scales(torch.load(model.trainer.last, map_location="cpu", weights_only=False)["model"])
+    assert len(scales) == 39 and not non_uniform(scales)  # the default warmup=1: one epoch trains on S = ones
+    assert (tmp_path / "run" / "weights" / "best.onnx").exists()
