@@ -14,7 +14,7 @@
 # The study's results file starts from benchmarks/results/study_gpu.jsonl (committed; runs already in it are
 # skipped) and comes back as $OUT/study_gpu.jsonl: copy it over the committed one, so slots add up.
 # Argument: the seconds this call may take in all (default 540; give the device tool's timeout_s a little more).
-# The check and the timing have fixed limits, the study gets what is left but 60 s (its last INT8 score, the
+# The check, the timing and the eager overhead have fixed limits, the study gets what is left but 60 s (its last INT8 score, the
 # report), and the compiled timing runs only if 170 s remain. SMOKE=1 runs every step at smoke size (CPU; the
 # test suite does).
 set -uo pipefail
@@ -52,6 +52,11 @@ fi
 # 2. the step's cost per arm, epochs interleaved, both models (synthetic images of CIFAR's shape, 50,000 a epoch)
 step 120 timing $PY benchmarks/fast_step.py --models vgg11_bn resnet18 --arms baseline sgs acb_fixed \
     --rounds 6 $CAPTURE $SMOKE_FLAG --json "$OUT/fast_step.json" || true
+# 2b. the default scaling's eager cost on this GPU (its fused multiply: an index gather of S, one foreach multiply)
+if [ -z "$SMOKE_FLAG" ]; then
+    step 60 overhead $PY benchmarks/overhead.py --device cuda --rounds 15 \
+        --variants sgs sgs_hook official multiply_floor plain_again --json "$OUT/overhead_cuda.json" || true
+fi
 # 3. the study: interleaved by seed, one JSON line per finished run (and one per INT8 score)
 cp benchmarks/results/study_gpu.jsonl "$OUT/study_gpu.jsonl" 2>/dev/null || touch "$OUT/study_gpu.jsonl"
 if [ -d gpu_data ] || [ -n "$SMOKE_FLAG" ]; then
