@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit  # noqa: E402
-from sgs_fx.train import TrainConfig, train  # noqa: E402
+from sgs_fx.cifar.train import TrainConfig, train  # noqa: E402
 
 ARMS = {
     "baseline": dict(scales="none"),

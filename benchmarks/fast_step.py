@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, median_ci, meta  # noqa: E402
 
 import sgs_fx  # noqa: E402
-from sgs_fx.data import synthetic_cifar  # noqa: E402
-from sgs_fx.fast_train import ARMS, FastRecipe, FastTrainer  # noqa: E402
+from sgs_fx.cifar.data import synthetic_cifar  # noqa: E402
+from sgs_fx.cifar.fast_train import ARMS, FastRecipe, FastTrainer  # noqa: E402
 
 
 def load(args):

@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sgs_fx.data import LABEL_FILES, NPM_PACKAGE, cache_dir, find_sprites, read_sprite_folder  # noqa: E402
+from sgs_fx.cifar.data import LABEL_FILES, NPM_PACKAGE, cache_dir, find_sprites, read_sprite_folder  # noqa: E402
 
 PARTS = {
     "part1": ["data_batch_1.png", "test_batch.png", *LABEL_FILES],

@@ -61,7 +61,7 @@ def make_variants(n: int, channels: int, device) -> dict:
 
 def in_model(name: str, steps: int) -> dict:
     """Per-conv time of the gradient multiplication inside a training step, and of the same op in isolation."""
-    from sgs_fx.models import build_model
+    from sgs_fx.cifar.models import build_model
 
     torch.manual_seed(0)
     plain = build_model(name, width=PROXY_WIDTH)

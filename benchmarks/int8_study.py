@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit, meta  # noqa: E402
 
 import sgs_fx  # noqa: E402
-from sgs_fx.data import load_cifar10, synthetic_cifar  # noqa: E402
+from sgs_fx.cifar.data import load_cifar10, synthetic_cifar  # noqa: E402
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 from sgs_fx.export.qdq import folded_weight_and_bias, quantize_weight  # noqa: E402
-from sgs_fx.train import TrainConfig, evaluate, export_summary, load_trained, train  # noqa: E402
+from sgs_fx.cifar.train import TrainConfig, evaluate, export_summary, load_trained, train  # noqa: E402
 
 ARMS = {
     "baseline": dict(scales="none"),

@@ -41,11 +41,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 import sgs_fx  # noqa: E402
 from report import emit  # noqa: E402
-from sgs_fx.models import build_model  # noqa: E402
+from sgs_fx.cifar.models import build_model  # noqa: E402
 
 
 def workload(n_images: int, synthetic: bool):
-    from sgs_fx.data import augment, load_cifar10, synthetic_cifar, to_float
+    from sgs_fx.cifar.data import augment, load_cifar10, synthetic_cifar, to_float
 
     data = synthetic_cifar(n_train=n_images) if synthetic else load_cifar10()
     g = torch.Generator().manual_seed(0)

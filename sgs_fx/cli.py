@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from .train import TrainConfig
+from .cifar.train import TrainConfig
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def _config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from .train import NaNLossError, train
+    from .cifar.train import NaNLossError, train
 
     cfg = _config(args)
     try:
@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .cifar.demo import run_demo
 
     return run_demo(out=args.out, epochs=args.epochs, subset=args.subset, width=args.width, data_dir=args.data_dir)
 
@@ -92,7 +92,7 @@ def cmd_demo(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from .models import build_model
+    from .cifar.models import build_model
     from .verify import verify
 
     torch.manual_seed(args.seed)
@@ -119,7 +119,7 @@ def cmd_export(args) -> int:
 
     from .export.onnx import export_onnx
     from .export.qdq import has_quantization
-    from .models import build_model
+    from .cifar.models import build_model
 
     if not args.checkpoint and not args.model:
         print("sgs-fx export: give --checkpoint (written by `sgs-fx train`) or --model", file=sys.stderr)
@@ -128,7 +128,7 @@ def cmd_export(args) -> int:
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "model" in state and "config" in state:  # written by `sgs-fx train`
-            from .train import load_trained
+            from .cifar.train import load_trained
 
             model, _ = load_trained(args.checkpoint)  # SGS, branched or fake-quant, as trained
             state = model.state_dict()
@@ -151,7 +151,7 @@ def cmd_export(args) -> int:
     check = None
     quantized = has_quantization(model)
     if args.int8 or quantized:
-        from .data import load_cifar10, synthetic_cifar
+        from .cifar.data import load_cifar10, synthetic_cifar
 
         data = synthetic_cifar() if args.calib_data == "synthetic" else load_cifar10(args.data_dir)
         check = data.agreement_images()

@@ -4,7 +4,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sgs_fx import train as train_mod
+from sgs_fx.cifar import train as train_mod
 
 out, qat_epoch = sys.argv[1], int(sys.argv[2])
 seen = {}

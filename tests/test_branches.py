@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import sgs_fx
-from sgs_fx.models import build_model
+from sgs_fx.cifar.models import build_model
 from sgs_fx.branched import BranchedConv
 from sgs_fx.scaling.equivalence import branches_from, level_set_branches, raw_scale
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sgs_fx import data
+from sgs_fx.cifar import data
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from torch import nn
 
 import sgs_fx
 from helpers import random_scales
-from sgs_fx.models import build_model
+from sgs_fx.cifar.models import build_model
 from sgs_fx.passes.select import default_filter
 
 

@@ -1,4 +1,4 @@
-"""The captured-step recipe (sgs_fx.fast_train) against a plain per-batch loop: same draws, same float32 weights."""
+"""The captured-step recipe (sgs_fx.cifar.fast_train) against a plain per-batch loop: same draws, same float32 weights."""
 import math
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import sgs_fx
-from sgs_fx.data import synthetic_cifar, to_float
-from sgs_fx.fast_train import FastRecipe, FastTrainer, epoch_draws, train_fast
-from sgs_fx.models import build_model
+from sgs_fx.cifar.data import synthetic_cifar, to_float
+from sgs_fx.cifar.fast_train import FastRecipe, FastTrainer, epoch_draws, train_fast
+from sgs_fx.cifar.models import build_model
 
 RECIPE = dict(model="vgg11_bn", width=0.125, epochs=3, batch_size=8, max_steps_per_epoch=4, warmup=1, every=1,
               seed=3)

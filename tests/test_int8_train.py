@@ -11,8 +11,8 @@ import torch
 
 import sgs_fx
 from sgs_fx.cli import main
-from sgs_fx.data import synthetic_cifar
-from sgs_fx.train import TrainConfig, build, evaluate, load_trained, to_qat, train
+from sgs_fx.cifar.data import synthetic_cifar
+from sgs_fx.cifar.train import TrainConfig, build, evaluate, load_trained, to_qat, train
 
 SMALL = dict(model="vgg11_bn", width=0.0625, epochs=3, batch_size=64, data="synthetic", every=1, warmup=1,
              progress=False, plots=False)
@@ -103,7 +103,7 @@ def test_cli_qat_and_int8_export(tmp_path, capsys):
 
 
 def test_demo_int8_step(tmp_path):
-    from sgs_fx import demo
+    from sgs_fx.cifar import demo
 
     run = tmp_path / "sgs"
     summary = train(TrainConfig(out=str(run), **SMALL))  # three epochs: logits with margins to agree on

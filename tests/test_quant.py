@@ -7,7 +7,7 @@ from torch.ao.quantization import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 import sgs_fx
-from sgs_fx.models import build_model
+from sgs_fx.cifar.models import build_model
 
 
 def _qat_model(x):
@@ -54,7 +54,7 @@ import onnx  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from sgs_fx.data import synthetic_cifar, to_float  # noqa: E402
+from sgs_fx.cifar.data import synthetic_cifar, to_float  # noqa: E402
 from sgs_fx.export.qdq import QDQConv, QDQLinear, UnsupportedQuantizationError, to_qdq  # noqa: E402
 from sgs_fx.export.onnx import onnx_accuracy  # noqa: E402
 

@@ -45,7 +45,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_readme_int8_block_runs(tmp_path, monkeypatch, capsys):
-    from sgs_fx.models import build_model
+    from sgs_fx.cifar.models import build_model
 
     torch.manual_seed(0)
     images = torch.randn(96, 3, 32, 32)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import stats  # noqa: E402
 import study  # noqa: E402
 
-from sgs_fx import data  # noqa: E402
+from sgs_fx.cifar import data  # noqa: E402
 
 SMOKE = ["--smoke", "--epochs", "1", "--no-int8"]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import sgs_fx
-import sgs_fx.train as train_mod
+import sgs_fx.cifar.train as train_mod
 from sgs_fx.cli import main
-from sgs_fx.train import TrainConfig, train
+from sgs_fx.cifar.train import TrainConfig, train
 
 SMALL = dict(model="vgg11_bn", width=0.0625, epochs=3, batch_size=64, data="synthetic", every=1, warmup=1,
              progress=False)

@@ -334,7 +334,7 @@ def _wrap(core: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device):
 
 
 def _export(core: nn.Module, data: Cifar10, out: Path) -> "sgs_fx.ExportReport":
-    from .export.qdq import has_quantization
+    from ..export.qdq import has_quantization
 
     if has_quantization(core):  # QAT: INT8, checked on real test images (agreement needs real margins)
         check = data.agreement_images()
@@ -381,7 +381,7 @@ def _train_epoch(model, opt, batches, epoch, cfg, d) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Cifar10, device, d: _Dist = _Dist(), batch_size: int = 500) -> tuple[float, float]:
-    from .quant import observers_frozen
+    from ..quant import observers_frozen
 
     was = model.training
     model.eval()

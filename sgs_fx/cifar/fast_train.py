@@ -212,7 +212,7 @@ class FastTrainer:
                 try:
                     self._capture()
                 except RuntimeError as exc:  # a run is still worth finishing: eagerly, and the metrics say so
-                    logger.warning("sgs_fx.fast_train: capturing the step failed (%s); training eagerly", exc)
+                    logger.warning("sgs_fx.cifar.fast_train: capturing the step failed (%s); training eagerly", exc)
                     self.capture_error = f"{type(exc).__name__}: {str(exc)[:300]}"
                     self.capture = False
                     self.opt.zero_grad(set_to_none=True)

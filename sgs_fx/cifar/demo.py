@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .data import load_cifar10
-from .export.onnx import file_size, onnx_accuracy
+from ..export.onnx import file_size, onnx_accuracy
 from .train import TrainConfig, export_summary, load_trained, train
 
 logger = logging.getLogger("sgs_fx")
