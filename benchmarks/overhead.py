@@ -92,7 +92,7 @@ def per_use_copy(sgs: torch.nn.Module) -> torch.nn.Module:
     per_use = copy.deepcopy(sgs)
     for conv in sgs_fx.instrumented(per_use).values():
         conv.__dict__["_sgs_per_use"] = True
-        sgs_fx.ops.attach_hook(conv)
+        sgs_fx.hooks.attach_hook(conv)
     return per_use
 
 

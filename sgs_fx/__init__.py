@@ -10,7 +10,7 @@
 """
 from .export.onnx import ExportMismatchError, ExportReport, export_onnx
 from .export.qdq import UnsupportedQuantizationError
-from .ops import scale_grad
+from .backward import scale_grad
 from .passes.instrument import transform
 from .passes.registry import get_scales, instrumented, set_scales
 from .passes.strip import strip

@@ -86,7 +86,7 @@ def prepare_qat(model: nn.Module, example_inputs, *, qconfig_mapping=None, inpla
     """
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    from .ops import is_sgs_conv
+    from .ownership import is_sgs_conv
 
     if any(is_sgs_conv(m) for m in model.modules()):
         raise RuntimeError("sgs_fx.prepare_qat: the model is SGS-instrumented; quantize the plain model first "

@@ -3,7 +3,7 @@
 What tells the step that a gradient is new is an event torch gives, not state that could go stale: each SGS weight
 carries a tensor hook, which the autograd engine runs for every gradient it computes for that Parameter (a
 backward, ``torch.autograd.grad``, DDP, DataParallel and FSDP2 alike). The hook changes nothing; it sets
-``pending`` in the conv's ``GradState`` (``ops.py``). A global optimizer step pre-hook
+``pending`` in the conv's ``GradState`` (``record.py``). A global optimizer step pre-hook
 (``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every ``step()`` of every
 ``torch.optim.Optimizer``, walks that optimizer's parameters (no cache: whatever its param groups hold now), and
 multiplies the ``.grad`` of each SGS weight with a pending gradient by S — S read from the conv at that moment —
@@ -26,7 +26,7 @@ split the channels).
   replay and clears the mark; otherwise every eager step scales that weight's ``.grad``.
 * S is never lost unseen: a gradient arriving while the previous one is still pending, with the weight changed in
   between, means the weight was updated with the unscaled gradient: one warning names the way out
-  (``ops._warn_unscaled``). So does an optimizer built on the model before ``transform`` copied it
+  (``record.warn_unscaled``). So does an optimizer built on the model before ``transform`` copied it
   (``optimizers.check_stale``).
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import optimizers
-from .ops import _OWNERS, _SHARDED_OWNERS, SCALE_BUFFER, grad_state, is_dtensor, is_sgs_conv, scales_at_step, \
-    stepped_tensor
+from .ownership import SCALE_BUFFER, any_owned, is_dtensor, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
 from .passes.registry import instrumented
+from .record import grad_state
 
 __all__ = ["scale_gradients"]
 
@@ -50,34 +50,6 @@ _CUDA = [torch.cuda.is_available()]
 def _capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream."""
     return _CUDA[0] and torch.cuda.is_current_stream_capturing()
-
-
-def _owner(p: Tensor) -> nn.Module | None:
-    """The SGS conv whose weight ``p`` is: its current one, or (FSDP2) the sharded parameter it was gathered from."""
-    for table, attr in ((_OWNERS, "_sgs_hook"), (_SHARDED_OWNERS, "_sgs_sharded")):
-        ref = table.get(id(p))
-        conv = ref() if ref is not None else None
-        if conv is None or not is_sgs_conv(conv):
-            continue
-        held = conv.__dict__.get(attr)
-        if (held.param if attr == "_sgs_hook" and held is not None else held) is p:
-            return conv
-    return None
-
-
-def _step_weights(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
-    """(Parameter, conv) for each weight of ``opt`` whose gradient the step scales: a walk over the param groups as
-    they are now (a few dict lookups per parameter; a cache would have to be keyed on every group's list)."""
-    found = []
-    owners, sharded = _OWNERS, _SHARDED_OWNERS
-    for group in opt.param_groups:
-        for p in group["params"]:
-            key = id(p)
-            if key in owners or key in sharded:
-                conv = _owner(p)
-                if conv is not None and scales_at_step(conv):
-                    found.append((p, conv))
-    return found
 
 
 def _due(state, capturing: bool) -> bool:
@@ -195,11 +167,11 @@ def _gather_mul(grads: list[Tensor], scales: list[Tensor], owner) -> bool:
 # --- the optimizer step pre-hook --------------------------------------------------------------------------------
 
 def _before_step(opt: torch.optim.Optimizer, args, kwargs):
-    if not (_OWNERS or _SHARDED_OWNERS):  # no SGS model in this process
+    if not any_owned():  # no SGS model in this process
         return None
     if torch.compiler.is_compiling():  # a compiled step: this bookkeeping runs eagerly (a graph break)
         return _before_step_eager(opt, args, kwargs)
-    pairs = _step_weights(opt)
+    pairs = [(p, conv) for p, conv in owned_in(opt.param_groups) if scales_at_step(conv)]
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if not callable(closure):  # no closure (or an optimizer whose step takes something else first)

@@ -9,7 +9,7 @@ import torchvision
 from torch import fx, nn
 
 import sgs_fx
-from sgs_fx.ops import SGSGraphWeight
+from sgs_fx.graph_weight import SGSGraphWeight
 from sgs_fx.passes.graph import is_conv_node
 
 

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrizations
 
 import sgs_fx
 from helpers import Conv2dSame, TiedConvs
-from sgs_fx.ops import is_sgs_conv
+from sgs_fx.ownership import is_sgs_conv
 
 X = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 

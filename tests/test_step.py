@@ -46,9 +46,9 @@ def stepped(make=net, **kw):
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
-    from sgs_fx import ops
-    monkeypatch.setattr(ops, "_warned_unscaled", False)
-    monkeypatch.setattr(ops, "_warned_plain", False)
+    from sgs_fx import hooks, record
+    monkeypatch.setattr(record, "_warned_unscaled", False)
+    monkeypatch.setattr(hooks, "_warned_plain", False)
 
 
 def _pruned():
@@ -122,10 +122,10 @@ def test_zero_grad_without_set_to_none_scales_the_new_gradient():
 @pytest.fixture
 def capture(monkeypatch):
     """Emulate CUDA graph capture on a CPU: ``capture(True)`` makes sgs_fx see a capture in progress."""
-    from sgs_fx import ops, step as step_module
+    from sgs_fx import record, step as step_module
 
     on = [False]
-    monkeypatch.setattr(ops, "_CUDA", [True])
+    monkeypatch.setattr(record, "_CUDA", [True])
     monkeypatch.setattr(step_module, "_CUDA", [True])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on[0])
     return lambda flag: on.__setitem__(0, flag)

@@ -10,7 +10,7 @@ from torch import nn
 
 import sgs_fx
 from helpers import DEFAULT_SELECTED, Dynamic, TinyNet, random_scales, state_equal
-from sgs_fx.ops import SGSConv2d
+from sgs_fx.conv import SGSConv2d
 
 
 def test_forward_identical_and_names_kept():

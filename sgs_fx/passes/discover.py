@@ -19,8 +19,8 @@ from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 
 from ..batches import call, leave_no_trace, to_model
-from ..ops import SGSGraphWeight
-from .functional import _CONVS
+from ..graph_weight import SGSGraphWeight
+from .functional import CONV_FUNCTIONS
 from .graph import call_geometry
 from .select import is_conv_module
 
@@ -50,7 +50,7 @@ class _RecordConvCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONVS and not self.depth[0]:
+        if func in CONV_FUNCTIONS and not self.depth[0]:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             hit = self.params.get(id(weight))
             if hit is not None and hit[1] is weight:

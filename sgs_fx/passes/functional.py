@@ -17,17 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..ops import SGSGraphWeight, _attached_for, _target_of, _tracing, is_sgs_conv
+from ..graph_weight import SGSGraphWeight
+from ..hooks import attached_for, tracing
+from ..ownership import is_sgs_conv, target_of
 
 logger = logging.getLogger("sgs_fx")
 
-_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 PREFIX = "sgs_"
 
 
 def _check_hooks(owner: nn.Module, args) -> None:
     """Forward pre-hook of an owner: its SGS weights sit on its current Parameters (module-level: picklable)."""
-    if _tracing():
+    if tracing():
         for mod, param in _holders_and_params(owner):
             if mod.__dict__.get("_sgs_swapped", False):
                 # after to() with swapped tensors the hook is gone, and a traced forward cannot re-attach it
@@ -39,7 +41,7 @@ def _check_hooks(owner: nn.Module, args) -> None:
     for mod, param in _holders_and_params(owner):
         # same object, other C++ tensor: torch.utils.swap_tensors (to() / load_state_dict under
         # torch.__future__.set_swap_module_params_on_conversion) dropped the hook
-        if not (_attached_for(mod, param) and mod.__dict__["_sgs_hook"].impl == param._cdata):
+        if not (attached_for(mod, param) and mod.__dict__["_sgs_hook"].impl == param._cdata):
             mod.attach(param)
         mod.__dict__.pop("_sgs_swapped", None)
 
@@ -65,7 +67,7 @@ def instrument_functional(model: nn.Module, sites, selected, start: int, at_step
     # A parameter already scaled by an SGS conv (or an earlier call under another name) keeps that one hook:
     # one S per parameter, S ⊙ (G_conv + G_call). A second hook would scale twice; per-use scaling would
     # need the call itself, which no module runs here.
-    taken = {id(_target_of(m)): name for name, m in model.named_modules() if is_sgs_conv(m)}
+    taken = {id(target_of(m)): name for name, m in model.named_modules() if is_sgs_conv(m)}
     shared = []
     for param_name, geometry in sites:
         owner_name, _, leaf = param_name.rpartition(".")
@@ -125,7 +127,7 @@ class ObserveFunctionalConvs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONVS:
+        if func in CONV_FUNCTIONS:
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             entry = self.observers.get(id(weight))

@@ -10,7 +10,7 @@ comes from a parameter (a ``get_attr``, possibly through shape-preserving nodes 
 
 The node returns the weight itself (the forward is bit-identical) and holds S as a non-persistent buffer, so
 the state_dict keys do not change. When the weight reaches it as the Parameter, it is hooked like an SGS conv
-(see ``sgs_fx.ops``); through an intermediate node it is scaled per use. It also receives the conv's input,
+(see ``sgs_fx/hooks.py``); through an intermediate node it is scaled per use. It also receives the conv's input,
 which is what the MI scheduler observes. ``strip_graph`` removes the nodes again.
 """
 from __future__ import annotations
@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..ops import SGSConvMixin, SGSGraphWeight, attach_hook, hook_target
+from ..conv import SGSConvMixin
+from ..graph_weight import SGSGraphWeight
+from ..hooks import attach_hook
+from ..ownership import hook_target
 
 logger = logging.getLogger("sgs_fx")
 

@@ -11,7 +11,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from ..ops import SCALE_BUFFER, _target_of, attach_hook, hook_target, is_pruned, is_sgs_conv, scale_dtype, sgs_class_for
+from ..backward import scale_dtype
+from ..conv import sgs_class_for
+from ..hooks import attach_hook
+from ..ownership import SCALE_BUFFER, hook_target, is_pruned, is_sgs_conv, target_of
 from ..optimizers import remember_copies
 from .branches import instrument_branches
 from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
@@ -174,7 +177,7 @@ def transform(
         set_scales(model, scales)
     if source is not None and mode == "sgs":
         # an optimizer built on `source` before transform trains nothing: warned at its step
-        remember_copies(source, model, [_target_of(m) for m in instrumented(model).values() if is_sgs_conv(m)])
+        remember_copies(source, model, [target_of(m) for m in instrumented(model).values() if is_sgs_conv(m)])
     return model
 
 
@@ -201,7 +204,7 @@ def _report_untraced(model: nn.Module, sites: CallSites) -> None:
 
 def _other_modules_using_scaled_weights(model: nn.Module) -> list[tuple[str, list[str]]]:
     """Modules that are not SGS convs holding a weight an SGS conv scales (a tied ConvTranspose, a Linear)."""
-    convs = {id(_target_of(m)) for m in instrumented(model).values() if is_sgs_conv(m)}
+    convs = {id(target_of(m)) for m in instrumented(model).values() if is_sgs_conv(m)}
     names: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), n)  # the first name: the SGS conv's, in registration order
@@ -224,8 +227,8 @@ def _warn_computed_kernels(model: nn.Module, computed: list[tuple[str, list[str]
     whole = {}
     for name, m in instrumented(model).items():
         if is_sgs_conv(m) and not m.__dict__.get("_sgs_per_use", False):
-            whole[id(_target_of(m))] = name
-    per_use = {id(_target_of(m)): name for name, m in instrumented(model).items()
+            whole[id(target_of(m))] = name
+    per_use = {id(target_of(m)): name for name, m in instrumented(model).items()
                if is_sgs_conv(m) and m.__dict__.get("_sgs_per_use", False)}
     lines = []
     for call, params in computed:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..ops import SCALE_BUFFER, _target_of, is_sgs_conv
+from ..ownership import SCALE_BUFFER, is_sgs_conv, target_of
 from .select import unwrap
 
 logger = logging.getLogger("sgs_fx")
@@ -81,7 +81,7 @@ def _warn_tied_scales(convs: Mapping[str, nn.Module]) -> None:
     by_weight: dict[int, list[str]] = {}
     for name, m in convs.items():
         if is_sgs_conv(m) and m.__dict__.get("_sgs_per_use", False):
-            by_weight.setdefault(id(_target_of(m)), []).append(name)
+            by_weight.setdefault(id(target_of(m)), []).append(name)
     for names in by_weight.values():
         first = convs[names[0]].sgs_scale
         differ = [n for n in names[1:] if not torch.equal(convs[n].sgs_scale, first)]

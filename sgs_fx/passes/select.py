@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from ..ops import SGSGraphWeight
+from ..graph_weight import SGSGraphWeight
 
 FilterFn = Callable[[str, nn.Module], bool]
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv
+from ..hooks import detach_hook
+from ..ownership import SCALE_BUFFER, is_sgs_conv
 from .functional import strip_functional
 from .graph import strip_graph
 from .select import copy_model, replace_everywhere, unwrap

@@ -369,7 +369,7 @@ def dependence(x: Tensor, conv: nn.Module, *, k: float = 5, zero_removal: bool =
 
     When the layer fails (non-finite input, every channel undefined at a tap), returns ones and warns.
     """
-    _check_hyper(k, floor)
+    check_hyper(k, floor)
     stats = PairStats(ConvGeometry.of(conv), conv.in_channels, zero_removal=zero_removal, device=x.device)
     stats.observe_range(x)
     if stats.failure() is None:
@@ -384,7 +384,7 @@ def dependence(x: Tensor, conv: nn.Module, *, k: float = 5, zero_removal: bool =
     return s
 
 
-def _check_hyper(k: float, floor: float) -> None:
+def check_hyper(k: float, floor: float) -> None:
     if not (k > 0 and math.isfinite(k)):
         raise ValueError(f"k must be a finite number > 0 (got {k})")
     if not (0 < floor < 1):

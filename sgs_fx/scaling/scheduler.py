@@ -16,11 +16,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batches import call, first_input, leave_no_trace, rng_untouched, to_model
-from ..ops import _SGSOwnForwardMixin, is_sgs_conv
+from ..conv import SGSOwnForwardMixin
+from ..ownership import is_sgs_conv
 from ..passes.instrument import instrumented, set_scales
 from ..passes.functional import ObserveFunctionalConvs, observe_conv_ops
 from ..passes.select import unwrap
-from .mi import ConvGeometry, PairStats, _check_hyper
+from .mi import ConvGeometry, PairStats, check_hyper
 
 logger = logging.getLogger("sgs_fx")
 
@@ -52,7 +53,7 @@ class MIScheduler:
     def __init__(self, model: nn.Module, loader: Iterable, *, k: float = 5, every: int = 5, warmup: int = 1,
                  batches: int = 2, zero_removal: bool = False, floor: float = 1e-3,
                  input_fn: Callable | None = None, progress: bool = False, keep_bytes: int = 512 * 2**20):
-        _check_hyper(k, floor)
+        check_hyper(k, floor)
         if int(every) < 1 or int(warmup) < 0 or int(batches) < 1:
             raise ValueError(f"MIScheduler needs every >= 1, warmup >= 0, batches >= 1 (got {every}, {warmup}, {batches})")
         convs = instrumented(model)
@@ -180,7 +181,7 @@ class MIScheduler:
         # A conv with torch's forward convolves its input, padded as its geometry says (the estimator pads it the
         # same way); an SGS graph node gets (weight, input). A conv with a forward of its own may pad inside it
         # (timm's Conv2dSame): the map its conv op receives is observed instead (spec §3.1: the map convolved).
-        own = {n: m for n, m in convs.items() if isinstance(m, _SGSOwnForwardMixin)}
+        own = {n: m for n, m in convs.items() if isinstance(m, SGSOwnForwardMixin)}
         handles = [m.register_forward_pre_hook(lambda mod, args, fn=observers[n]: fn(args[getattr(mod, "mi_input", 0)]))
                    for n, m in convs.items() if n not in own]
         inside: list = []

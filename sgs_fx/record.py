@@ -1,0 +1,111 @@
+"""The record of new gradients under ``scaling="step"``: each SGS weight's tensor hook, and what it writes.
+
+The optimizer step must know, for every SGS weight, whether ``.grad`` holds gradients S has not been applied to.
+It learns that from an event torch gives: the autograd engine runs a Parameter's tensor hooks for every gradient
+it computes for it (``backward``, ``torch.autograd.grad``, DDP, DataParallel, FSDP2's unsharded parameter). The
+hook here changes nothing and sets ``GradState.pending``; the step (``sgs_fx/step.py``) multiplies by S and clears
+it. Nothing is inferred from marks on gradient tensors or from version counters, so nothing can go stale.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from .backward import mul_cast
+from .ownership import SCALE_BUFFER, stepped_tensor
+
+__all__ = ["GradState", "grad_state", "StepHook", "warn_unscaled"]
+
+
+class GradState:
+    """``scaling="step"``: what the optimizer's step needs to know about an SGS weight's ``.grad``.
+
+    Written only by events: the weight's tensor hook (autograd computed a gradient for it), the step and
+    ``sgs_fx.scale_gradients`` (S was applied). It lives on the conv for the conv's whole life — re-attaching the
+    hook to a new Parameter object (``to()``, ``load_state_dict(assign=True)``, FSDP2) keeps it — and travels with
+    its copies, whose ``.grad`` is copied too.
+
+    * ``pending``: a gradient arrived since S was last applied to ``.grad``; the next step multiplies it by S.
+    * ``prescaled``: ``scale_gradients`` applied S and no step of this weight has run since: the hook scales each
+      gradient as it arrives, so ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between.
+    * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
+      graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
+    * ``version``: the stepped tensor's version when ``pending`` was set, for the lost-S warning only.
+    """
+
+    __slots__ = ("pending", "prescaled", "replayed", "version")
+
+    def __init__(self):
+        self.pending = self.prescaled = self.replayed = False
+        self.version = 0
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k in self.__slots__:
+            setattr(self, k, state.get(k, getattr(GradState(), k)))
+
+
+def grad_state(conv: nn.Module) -> GradState:
+    """``conv``'s ``GradState`` (created on first use, then kept for the conv's life)."""
+    state = conv.__dict__.get("_sgs_grad")
+    if state is None:
+        state = conv.__dict__["_sgs_grad"] = GradState()
+    return state
+
+
+class StepHook:
+    """``scaling="step"``'s tensor hook: notes each gradient in the conv's ``GradState`` and leaves it unchanged —
+    unless ``scale_gradients`` put the weight in the prescaled state, where it returns S ⊙ G.
+
+    Holds the conv weakly (a strong reference from the weight's hook back to its module would make a cycle through
+    the tensor) and reads S from it at each call, so a new S, however written, is the one used.
+    """
+
+    __slots__ = ("conv", "state")
+
+    def __init__(self, conv: nn.Module, state: GradState):
+        self.conv, self.state = weakref.ref(conv), state
+
+    def __call__(self, grad: Tensor):
+        state = self.state
+        conv = self.conv()
+        if conv is None:
+            return None
+        if state.prescaled:
+            return mul_cast(conv._buffers[SCALE_BUFFER], grad)
+        if _CUDA[0] and torch.cuda.is_current_stream_capturing():
+            state.replayed = True
+        w = stepped_tensor(conv)
+        version = w._version if w is not None else 0
+        if state.pending and version != state.version:
+            warn_unscaled(conv)
+        state.pending, state.version = True, version
+        return None
+
+
+_CUDA = [torch.cuda.is_available()]  # (a monkeypatchable constant: tests emulate a capture)
+
+
+_warned_unscaled = False
+
+
+def warn_unscaled(conv: nn.Module) -> None:
+    """``scaling="step"``: a gradient arrives while the last one is still pending (no step and no
+    ``scale_gradients`` applied S to it) and the weight changed in between: it was updated with the unscaled
+    gradient (a hand-written update, an optimizer outside torch.optim), and S was lost. One warning, naming the way
+    out. (Gradient accumulation, and steps that GradScaler skipped, leave the weight unchanged: no warning.)"""
+    global _warned_unscaled
+    if _warned_unscaled:
+        return
+    _warned_unscaled = True
+    warnings.warn(
+        f"sgs_fx: the weight of {type(conv).__name__} changed while its last gradient was still unscaled: no "
+        "torch.optim optimizer step applied S to it. Under scaling='step' (the default) only a torch.optim "
+        "optimizer's step() applies S: before a hand-written update or another optimizer, call "
+        "sgs_fx.scale_gradients(model), or transform with scaling='hook' (S applied in the backward pass). "
+        "(If you changed the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=2)
