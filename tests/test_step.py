@@ -917,8 +917,9 @@ def test_ddp_with_gradient_as_bucket_view_scale_gradients_every_iteration():
     scales = scaled(sgs_fx.transform(net()))
     want = scaled_grads(plain_grads(net(), _fixed_input()), scales)
     assert said[0::2] == [3, 3, 3]
-    for got in said[1::2]:
-        assert_equal_grads(got, want)
+    for got in said[1::2]:  # (G computed in another process: its conv kernels may sum in another order)
+        for name, g in want.items():
+            assert (got[name] - g).abs().max().item() <= 1e-12, name
 
 
 def test_a_middle_param_group_changed_after_a_step_is_scaled():
