@@ -6,7 +6,8 @@ from torch import fx, nn
 from ..ops import SCALE_BUFFER, detach_hook, is_sgs_conv, unregister_weight
 from .functional import strip_functional
 from .graph import strip_graph
-from .select import copy_model, replace_everywhere, unwrap
+from .copying import copy_model
+from .select import replace_everywhere, unwrap
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
