@@ -63,7 +63,9 @@ class ExportReport:
         static_batch: why the batch dim was exported fixed although ``dynamic_batch`` was left unset (the
             model runs only at the example's batch size, or the graph the exporter wrote does), or None.
         shape_mismatches: batch size -> outputs onnxruntime returned in another shape than PyTorch on the same
-            input, each as text (those with a dim the file leaves symbolic, whose size depends on the data, say so).
+            input, each as text.
+        data_dependent: output index -> its dims whose size depends on the data (detections after a score
+            threshold, top-k and NMS): dims the file leaves symbolic, other than the batch.
     """
 
     path: str
@@ -92,6 +94,7 @@ class ExportReport:
     size_bytes: int = 0
     static_batch: str | None = None
     shape_mismatches: dict[int, list[str]] = field(default_factory=dict)
+    data_dependent: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -160,6 +163,9 @@ class ExportReport:
                 what = "" if self.agreement_meaningful else (" (not checked: random check inputs, one output per "
                                                              "input, or one class predicted for every input)")
                 lines.append(f"  top-1 agreement: {self.agreement:.2%}{what}")
+        if self.data_dependent:
+            lines.append(f"  size depends on the data (compared per input): "
+                         f"{', '.join(f'output {k} dim {_ints(d)}' for k, d in self.data_dependent.items())}")
         n_torch, n_onnx = self.outputs
         if n_torch != n_onnx:
             lines.append(f"  PyTorch returns {n_torch} tensors, the ONNX model {n_onnx} outputs: only the first compared")
@@ -317,6 +323,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     if not report.passed:
         limit = "; ".join(report.failures()) if quantized else _shapes_text(report) if report.shape_mismatches else \
             f"differs from PyTorch beyond atol={atol:g} + rtol={rtol:g} x max |output|"
+        if report.data_dependent and not quantized:
+            limit += _data_dependent_text(report)
         raise ExportMismatchError(f"export_onnx: onnxruntime {limit}; the model was written to {path} for "
                                   f"inspection\n{report}", report)
     logger.info("%s", report)
@@ -674,13 +682,14 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
                            "compared", len(expected), len(got))
             expected, got = expected[:1], got[:1]
         worst = None
-        declared = [o.shape for o in session.get_outputs()] if hasattr(session, "get_outputs") else []
+        if hasattr(session, "get_outputs"):
+            report.data_dependent = _data_dependent(session, fixed_shape=b is None)
         for k, (want, have) in enumerate(zip(expected, got)):
             scale = float(np.abs(want).max()) if want.size else 0.0
             if have.shape != want.shape:
                 d = rel = float("inf")
                 report.shape_mismatches.setdefault(b, []).append(
-                    _shape_mismatch(k, have.shape, want.shape, declared[k] if k < len(declared) else None))
+                    f"output {k} {tuple(have.shape)} in onnxruntime, {tuple(want.shape)} in PyTorch")
             else:
                 diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
                 d = float(diff.max()) if diff.size else 0.0
@@ -692,25 +701,33 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
         _, report.max_abs_diff[b], report.max_rel_diff[b], report.output_scale[b] = worst
 
 
-def _shape_mismatch(k: int, have: tuple, want: tuple, declared) -> str:
-    """One output onnxruntime returned shaped unlike PyTorch's, as text; a differing dim the file leaves symbolic
-    (its size depends on the data: detections after a score cut or NMS) is named as such."""
-    text = f"output {k} {tuple(have)} in onnxruntime, {tuple(want)} in PyTorch"
-    if declared is not None and len(declared) == len(have) == len(want):
-        dims = [i for i, (a, c) in enumerate(zip(have, want)) if a != c]
-        if all(not isinstance(declared[i], int) for i in dims):
-            text += f" (dim {', '.join(map(str, dims))} depends on the data)"
-    return text
+def _data_dependent(session, fixed_shape: bool) -> dict[int, list[int]]:
+    """Output index -> its dims whose size depends on the data: dims the file leaves symbolic, other than the batch
+    (in a fixed-shape file every symbolic dim; else those not named after the batch, e.g. dynamo's ``u0``)."""
+    out = {}
+    for k, o in enumerate(session.get_outputs()):
+        dims = [i for i, d in enumerate(o.shape or []) if not isinstance(d, int) and (fixed_shape or "batch" not in str(d))]
+        if dims:
+            out[k] = dims
+    return out
+
+
+def _ints(values) -> str:
+    return ", ".join(map(str, values))
 
 
 def _shapes_text(report: ExportReport) -> str:
     """Why a float export failed when onnxruntime returned outputs in other shapes than PyTorch."""
     where = "; ".join(f"batch {b}: {', '.join(m)}" for b, m in report.shape_mismatches.items())
-    data = any("depends on the data" in m for ms in report.shape_mismatches.values() for m in ms)
-    why = ("; an output whose size depends on the data differs so where an item sits at a threshold (a score cut, "
-           "NMS) that the two round to either side, or where the graph is wrong, and cannot be compared item by item: "
-           "check on real inputs (check_input=...)") if data else ""
-    return f"returns outputs shaped unlike PyTorch's on the same input ({where}){why}"
+    return f"returns outputs shaped unlike PyTorch's on the same input ({where})"
+
+
+def _data_dependent_text(report: ExportReport) -> str:
+    """What a failure may owe to outputs whose size depends on the data."""
+    which = ", ".join(map(str, report.data_dependent))
+    return (f"; the size of output {which} depends on the data (items kept by a threshold, top-k or NMS): where items "
+            "tie or sit at a threshold, onnxruntime and PyTorch can keep or order different ones, which no tolerance "
+            "covers (or the graph is wrong): check on real inputs (check_input=...)")
 
 
 def _ort_complaint(exc: Exception, limit: int = 300) -> str:
