@@ -482,3 +482,9 @@ def test_detection_and_optical_flow_models_export_at_their_example_batch(tmp_pat
     assert report.static_batch.startswith("the exported graph runs only at batch size 2, the batch it was exported at")
     with pytest.raises(ValueError, match="dynamic_batch=True, but the exported graph runs only at batch size 2"):
         sgs_fx.export_onnx(model, tmp_path / "plain.onnx", x, dynamic_batch=True)
+
+
+def test_check_input_of_a_graph_exported_at_the_example_batch_is_fed_at_that_batch(tmp_path):
+    report = sgs_fx.export_onnx(PerImage(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8),
+                                check_input=torch.randn(5, 3, 8, 8))
+    assert report.passed and list(report.max_abs_diff) == [1] and report.static_batch is not None
