@@ -477,7 +477,8 @@ def _session(path: str, report: ExportReport):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # not the warning that the optimised file below is machine-specific
+    # not the warning that the optimised file below is machine-specific, nor errors: they are raised, and said once
+    options.log_severity_level = 4
     if not report.quantized:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     import onnx
@@ -724,8 +725,8 @@ def _shapes_text(report: ExportReport) -> str:
 
 def _data_dependent_text(report: ExportReport) -> str:
     """What a failure may owe to outputs whose size depends on the data."""
-    which = ", ".join(map(str, report.data_dependent))
-    return (f"; the size of output {which} depends on the data (items kept by a threshold, top-k or NMS): where items "
+    which = f"output{'s' if len(report.data_dependent) > 1 else ''} {_ints(report.data_dependent)}"
+    return (f"; the size of {which} depends on the data (items kept by a threshold, top-k or NMS): where items "
             "tie or sit at a threshold, onnxruntime and PyTorch can keep or order different ones, which no tolerance "
             "covers (or the graph is wrong): check on real inputs (check_input=...)")
 
