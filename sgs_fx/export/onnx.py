@@ -654,7 +654,8 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
     g = torch.Generator().manual_seed(0)
     for b in sizes:
         if given is not None:
-            xb = tuple(c[:_batch_size(x)] if b is None else c[:b] for c, x in zip(given, xs))  # None: the example's shapes
+            # None: the example's own batch size (a fixed-batch file takes no other)
+            xb = tuple(c[:_batch_size(x)] if b is None else c[:b] for c, x in zip(given, xs))
         else:
             xb = tuple(_random_like(x, b, g) for x in xs)
         b = b if b is not None else _batch_size(xb[0])  # the report's key
@@ -707,7 +708,8 @@ def _data_dependent(session, fixed_shape: bool) -> dict[int, list[int]]:
     (in a fixed-shape file every symbolic dim; else those not named after the batch, e.g. dynamo's ``u0``)."""
     out = {}
     for k, o in enumerate(session.get_outputs()):
-        dims = [i for i, d in enumerate(o.shape or []) if not isinstance(d, int) and (fixed_shape or "batch" not in str(d))]
+        dims = [i for i, d in enumerate(o.shape or [])
+                if not isinstance(d, int) and (fixed_shape or "batch" not in str(d))]
         if dims:
             out[k] = dims
     return out

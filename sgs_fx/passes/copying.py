@@ -41,7 +41,8 @@ def copy_model(model: nn.Module, who: str, *, inplace_hint: bool = True) -> nn.M
                         f"{where} ({type(cause).__name__}: {cause}); {fix}") from e
     if with_history:
         logger.info("%s: %d tensor(s) with autograd history (kept by a training forward) copied detached: %s%s", who,
-                    len(with_history), ", ".join(p for p, _ in with_history[:5]), ", ..." if len(with_history) > 5 else "")
+                    len(with_history), ", ".join(p for p, _ in with_history[:5]),
+                    ", ..." if len(with_history) > 5 else "")
     return copied
 
 
