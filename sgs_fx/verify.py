@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .optimizers import is_adaptive
 from .passes.instrument import get_scales, instrumented, set_scales, transform
 from .passes.strip import strip
-from .passes.select import copy_model
+from .passes.copying import copy_model
 
 logger = logging.getLogger("sgs_fx")
 

@@ -1,6 +1,7 @@
 """export_onnx: plain ONNX, checked by onnxruntime, no trace of instrumentation (issue 5)."""
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -106,21 +107,29 @@ def test_bad_input(tmp_path):
 
 def _perturb_onnxruntime(monkeypatch, delta: float, output: int | None = None) -> None:
     """Make export_onnx's onnxruntime session add ``delta`` to one output (all if None): a wrong graph."""
+    _edit_onnxruntime(monkeypatch, lambda i, o: o + delta if output is None or i == output else o)
+
+
+def _edit_onnxruntime(monkeypatch, edit) -> None:
+    """Make export_onnx's onnxruntime session return ``edit(i, output_i)`` for each of its outputs."""
     import sgs_fx.export.onnx as export_module
 
     real_session = export_module._session
 
-    class Perturbed:
+    class Edited:
         def __init__(self, path, report):
             self.session = real_session(path, report)
 
         def get_inputs(self):
             return self.session.get_inputs()
 
-        def run(self, *args):
-            return [o + delta if output is None or i == output else o for i, o in enumerate(self.session.run(*args))]
+        def get_outputs(self):
+            return self.session.get_outputs()
 
-    monkeypatch.setattr(export_module, "_session", Perturbed)
+        def run(self, *args):
+            return [edit(i, o) for i, o in enumerate(self.session.run(*args))]
+
+    monkeypatch.setattr(export_module, "_session", Edited)
 
 
 def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
@@ -131,6 +140,7 @@ def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
     report = info.value.report
     assert os.path.exists(tmp_path / "m.onnx") and not report.passed
     assert report.max_abs_diff[1] == pytest.approx(1.0, abs=1e-5) and "allowed" in str(report)
+    assert report.data_dependent == {} and "depends on the data" not in str(info.value)
 
 
 class TwoHeads(nn.Module):
@@ -331,3 +341,151 @@ def test_a_model_that_rejects_the_random_check_inputs_gets_a_clear_error(tmp_pat
         sgs_fx.export_onnx(_AssertsNonNegative(), tmp_path / "m.onnx", x)
     report = sgs_fx.export_onnx(_AssertsNonNegative(), tmp_path / "real.onnx", x, check_input=torch.rand(5, 3, 8, 8))
     assert report.passed and list(report.max_abs_diff) == [1, 3] and report.static_batch is None
+
+
+class PerImage(nn.Module):
+    """Runs its conv image by image, as torchvision's detection models do: the exported graph keeps the loop
+    unrolled at the batch it was exported at."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.stack([self.conv(image[None])[0] for image in x])
+
+
+class _BranchesOnData(nn.Module):
+    """A branch on a value, which torch.export refuses: the TorchScript exporter traces it, Python ints baked in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.rest(x, y) if y.mean() > -1e9 else y
+
+
+class ReshapeToTheBatch(_BranchesOnData):
+    def rest(self, x, y):
+        return y.reshape(len(x), -1)  # len(x): the traced batch, a constant in the graph
+
+
+class OneOutputPerImage(_BranchesOnData):
+    def rest(self, x, y):
+        return tuple(y[i:i + 1] for i in range(len(x)))  # as many outputs as the traced batch
+
+
+@pytest.mark.parametrize("model, evidence", [
+    (PerImage, r"onnxruntime at batch 1: InvalidArgument: Got invalid dimensions for input"),
+    (ReshapeToTheBatch, r"at batch 1 output 0 is \(2, 72\) in onnxruntime, \(1, 144\) in PyTorch"),
+    (OneOutputPerImage, r"at batch 1 the ONNX model returns 2 outputs, PyTorch 1"),
+], ids=["onnxruntime_raises", "other_shape", "other_outputs"])
+def test_a_graph_that_runs_only_at_its_export_batch_is_exported_at_the_example_batch(tmp_path, model, evidence):
+    # torchvision's detection models and RAFT export so (issue 27): the model takes any batch, its graph does not
+    x = torch.randn(1, 3, 8, 8)
+    report = sgs_fx.export_onnx(sgs_fx.transform(model()), tmp_path / "m.onnx", x)
+    assert report.passed and list(report.max_abs_diff) == [1]
+    assert re.search(r"^the exported graph runs only at batch size 2, the batch it was exported at \(" + evidence,
+                     report.static_batch)
+    assert "batch dim exported fixed: the exported graph runs only" in str(report)
+    import onnx
+
+    assert onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_a_graph_that_runs_only_at_its_export_batch_is_one_clear_error_when_a_dynamic_batch_is_asked(tmp_path):
+    with pytest.raises(ValueError) as info:
+        sgs_fx.export_onnx(PerImage(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), dynamic_batch=True)
+    message = str(info.value)
+    assert "\n" not in message and re.fullmatch(
+        r"export_onnx: dynamic_batch=True, but the exported graph runs only at batch size 2, the batch it was exported "
+        r"at \(onnxruntime at batch 1: .*\); pass dynamic_batch=False \(or leave it unset\) to export and check it at "
+        r"the example's batch size", message)
+
+
+class KeepsPositive(nn.Module):
+    """A second output whose size depends on the data (as detections after a score threshold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y[y > 0]
+
+
+def test_an_output_whose_size_depends_on_the_data_is_compared_per_input(tmp_path, monkeypatch):
+    # its size differs from one batch size to the next, and onnxruntime is compared with PyTorch on the same input
+    x = torch.randn(1, 3, 8, 8)
+    report = sgs_fx.export_onnx(KeepsPositive(), tmp_path / "ok.onnx", x)
+    assert report.passed and list(report.max_abs_diff) == [1, 3] and report.static_batch is None
+    assert report.shape_mismatches == {}
+    # onnxruntime keeping one item fewer on the same input (an item at a threshold, or a wrong graph) is said so
+    _edit_onnxruntime(monkeypatch, lambda i, o: o[:-1] if i == 1 else o)
+    with pytest.raises(sgs_fx.ExportMismatchError) as info:
+        sgs_fx.export_onnx(KeepsPositive(), tmp_path / "short.onnx", x)
+    match = re.search(r"onnxruntime returns outputs shaped unlike PyTorch's on the same input \(batch 1: output 1 "
+                      r"\((\d+),\) in onnxruntime, \((\d+),\) in PyTorch; batch 3: .*\); the size of output 1 depends "
+                      r"on the data .*check on real inputs \(check_input=", str(info.value))
+    assert match and int(match[1]) == int(match[2]) - 1
+    report = info.value.report
+    assert list(report.shape_mismatches) == [1, 3] and report.static_batch is None
+    assert "runs only" not in str(info.value)
+    assert report.data_dependent == {1: [0]} and "size depends on the data (compared per input): output 1 dim 0" \
+        in str(report)
+    # other values at the same size: the same hint (ties at a threshold pick other items), not about the plain output
+    monkeypatch.undo()
+    _edit_onnxruntime(monkeypatch, lambda i, o: o + 1.0 if i == 1 else o)
+    with pytest.raises(sgs_fx.ExportMismatchError, match=r"beyond atol=.*; the size of output 1 depends on the data"):
+        sgs_fx.export_onnx(KeepsPositive(), tmp_path / "other.onnx", x)
+
+
+def test_onnxruntime_failing_at_every_batch_size_is_a_clear_error(tmp_path, monkeypatch):
+    # not a graph fixed at its export batch (it fails at that batch too): the file cannot run, and the error says so
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    def fail(i, o):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node")
+
+    _edit_onnxruntime(monkeypatch, fail)
+    with pytest.raises(RuntimeError, match=r"^export_onnx: onnxruntime could not run the exported file "
+                                           r"\(onnxruntime at batch 1: Fail: Non-zero status code returned while running Conv node\); "
+                                           r"it was written to .*m.onnx for inspection$"):
+        sgs_fx.export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+
+
+class _FewFlowUpdates(nn.Module):
+    """torchvision's RAFT with 2 refinement steps instead of 12 (the same graph, a sixth of its size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.raft = torchvision.models.optical_flow.raft_small(weights=None)
+
+    def forward(self, image1, image2):
+        return self.raft(image1, image2, num_flow_updates=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "raft_small"])
+def test_detection_and_optical_flow_models_export_at_their_example_batch(tmp_path, name):
+    # issue 27: their graphs loop over the images, unrolled at the export's batch of 2 (fasterrcnn: onnxruntime's
+    # "Split size 1 exceeds the remaining size" at batch 1; RAFT: image2's batch fixed), never transformed or not
+    if name == "raft_small":
+        model, x = _FewFlowUpdates(), (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))
+    else:
+        model, x = torchvision.models.get_model(name, weights=None, weights_backbone=None), torch.rand(1, 3, 320, 320)
+    sgs = sgs_fx.transform(model.eval())
+    report = sgs_fx.export_onnx(sgs, tmp_path / "m.onnx", x)
+    assert report.passed and list(report.max_abs_diff) == [1] and report.shape_mismatches == {}
+    assert report.static_batch.startswith("the exported graph runs only at batch size 2, the batch it was exported at")
+    with pytest.raises(ValueError, match="dynamic_batch=True, but the exported graph runs only at batch size 2"):
+        sgs_fx.export_onnx(model, tmp_path / "plain.onnx", x, dynamic_batch=True)
+
+
+def test_check_input_of_a_graph_exported_at_the_example_batch_is_fed_at_that_batch(tmp_path):
+    report = sgs_fx.export_onnx(PerImage(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8),
+                                check_input=torch.randn(5, 3, 8, 8))
+    assert report.passed and list(report.max_abs_diff) == [1] and report.static_batch is not None

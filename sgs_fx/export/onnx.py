@@ -61,7 +61,11 @@ class ExportReport:
             there means int8 kernels; a quantized model only).
         size_bytes: the file's size, with the external-data file holding its weights.
         static_batch: why the batch dim was exported fixed although ``dynamic_batch`` was left unset (the
-            model runs only at the example's batch size), or None.
+            model runs only at the example's batch size, or the graph the exporter wrote does), or None.
+        shape_mismatches: batch size -> outputs onnxruntime returned in another shape than PyTorch on the same
+            input, each as text.
+        data_dependent: output index -> its dims whose size depends on the data (detections after a score
+            threshold, top-k and NMS): dims the file leaves symbolic, other than the batch.
     """
 
     path: str
@@ -89,6 +93,8 @@ class ExportReport:
     ort_ops: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
     static_batch: str | None = None
+    shape_mismatches: dict[int, list[str]] = field(default_factory=dict)
+    data_dependent: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -142,7 +148,7 @@ class ExportReport:
                  f"{sum(self.op_counts.values())} nodes, {self.size_bytes / 1024:.0f} KiB)"]
         lines.append(f"  ops: {_ops_text(self.op_counts)}")
         if self.static_batch:
-            lines.append(f"  batch dim exported fixed: the model runs only at its example's batch size ({self.static_batch})")
+            lines.append(f"  batch dim exported fixed: {self.static_batch}")
         if self.quantized:
             lines.append(f"  onnxruntime runs: {_ops_text(self.ort_ops)}")
             if self.max_output_diff is not None:
@@ -157,6 +163,9 @@ class ExportReport:
                 what = "" if self.agreement_meaningful else (" (not checked: random check inputs, one output per "
                                                              "input, or one class predicted for every input)")
                 lines.append(f"  top-1 agreement: {self.agreement:.2%}{what}")
+        if self.data_dependent:
+            lines.append(f"  size depends on the data (compared per input): "
+                         f"{', '.join(f'output {k} dim {_ints(d)}' for k, d in self.data_dependent.items())}")
         n_torch, n_onnx = self.outputs
         if n_torch != n_onnx:
             lines.append(f"  PyTorch returns {n_torch} tensors, the ONNX model {n_onnx} outputs: only the first compared")
@@ -166,6 +175,8 @@ class ExportReport:
             allowed = "" if self.quantized else f" (allowed {self.tolerance(b):.3g})"
             lines.append(f"  batch {b}: max |ort - torch| = {self.max_abs_diff[b]:.3g}{allowed}, "
                          f"max rel = {self.max_rel_diff[b]:.3g}, max |output| = {self.output_scale.get(b, 0.0):.3g}")
+            if self.shape_mismatches.get(b):
+                lines.append(f"  batch {b}: shaped unlike PyTorch's output: {'; '.join(self.shape_mismatches[b])}")
         limit = (f"output within {self.max_output_steps:g} steps or {self.max_output_fraction:.0%} of its range" + (f", agreement >= {self.min_agreement:.0%}"
                                                                      if self.agreement_meaningful else "")) \
             if self.quantized else f"atol {self.atol:g} + rtol {self.rtol:g} x max |output|"
@@ -200,6 +211,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
         dynamic_batch: export the batch dim as dynamic (then batch sizes ``check_batch_sizes`` are checked) or
             not (only N is). Default: dynamic where the model takes other batch sizes than the example's; a
             static ``torch.export`` program (its guards fix dim 0) is exported at its shape, and the report says so.
+            So is a model whose exported graph runs only at the batch it was exported at (onnxruntime raises, or
+            returns other outputs or shapes than PyTorch, at a check batch size: torchvision's detection models and
+            RAFT loop over the images): it is exported again at the example's shapes.
         opset: ONNX opset (default: the exporter's).
         check_batch_sizes: batch sizes run through onnxruntime and PyTorch.
         atol, rtol: a float model passes where each check's largest |onnxruntime - PyTorch| is at most
@@ -231,12 +245,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
         FileNotFoundError: the directory of ``path`` does not exist.
         TypeError: ``example_input`` or ``check_input`` is not a tensor or a tuple of tensors.
         ValueError: ``example_input`` does not fit the model, its tensors disagree on the batch size
-            (with ``dynamic_batch``), ``check_input`` is not shaped like it, or a negative tolerance.
-        RuntimeError: the exporter failed (its complaint is quoted).
+            (with ``dynamic_batch``), ``check_input`` is not shaped like it, a negative tolerance, or
+            ``dynamic_batch=True`` where the model or its exported graph runs only at one batch size.
+        RuntimeError: the exporter failed (its complaint is quoted), or onnxruntime cannot run the file.
         UnsupportedQuantizationError: observers without fake-quant, a converted (convert_fx) model, or a
             quantization with no QDQ form; the message says what to do.
         ExportMismatchError: onnxruntime's output differs beyond that tolerance (or agrees below
-            ``min_agreement``); the file is still written, for inspection.
+            ``min_agreement``), or is shaped unlike PyTorch's on the same input (an output whose size depends on the
+            data, such as detections, is said to); the file is still written, for inspection.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -266,53 +282,116 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
     except Exception as exc:
         raise ValueError(f"export_onnx: example_input of shape {_shapes(xs)} does not fit "
                          f"{type(plain).__name__}: {exc}") from exc
+    asked = dynamic_batch
     if dynamic_batch is not False:
-        static_reason = _fixed_batch(plain, xs)
-        if static_reason is not None and dynamic_batch:
+        probe = _fixed_batch(plain, xs)
+        if probe is not None and dynamic_batch:
             raise ValueError(f"export_onnx: dynamic_batch=True, but {type(plain).__name__} takes only batch size "
-                             f"{_batch_size(xs[0])} ({static_reason}); pass dynamic_batch=False (or leave it unset) "
+                             f"{_batch_size(xs[0])} ({probe}); pass dynamic_batch=False (or leave it unset) "
                              "to export it at that shape")
-        dynamic_batch = static_reason is None
-    exporter, reason = _export(to_qdq(plain) if quantized else plain, xs, path, dynamic_batch, opset)
-    import onnx
-
-    proto = onnx.load(path, load_external_data=False)
-    onnx.checker.check_model(path)
-    report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto), atol=atol,
-                          rtol=rtol, fallback_reason=reason, quantized=quantized, min_agreement=min_agreement,
-                          size_bytes=file_size(path, proto), static_batch=static_reason)
-    sizes = tuple(check_batch_sizes) if dynamic_batch else (None,)  # None: the example's own shapes
-    session = _session(path, report)
+        if probe is not None:
+            static_reason = f"the model runs only at its example's batch size ({probe})"
+        dynamic_batch = probe is None
     given = check_input if not quantized else None  # a float check on the user's inputs, where given
     if given is not None and dynamic_batch and len(given[0]) < max(check_batch_sizes):
         raise ValueError(f"export_onnx: check_input holds {len(given[0])} inputs; the check runs batch sizes "
                          f"{list(check_batch_sizes)}: give at least {max(check_batch_sizes)}")
+    exported = to_qdq(plain) if quantized else plain
+    settings = dict(atol=atol, rtol=rtol, quantized=quantized, min_agreement=min_agreement)
+    report, session = _export_and_load(exported, xs, path, dynamic_batch, opset, settings, static_reason)
+    sizes = tuple(check_batch_sizes) if dynamic_batch else (None,)  # None: the example's own shapes
+    traced = len(_traced_inputs(xs, dynamic_batch)[0]) if dynamic_batch else None
     try:
-        _compare(plain, session, xs, sizes, report, given)
-    except (AssertionError, RuntimeError, ValueError, IndexError) as exc:
-        if given is not None:
-            raise
-        raise ValueError(
-            f"export_onnx: the model raised on the check's inputs, which are drawn at random like example_input "
-            f"(floats around its mean and std, integers between its min and max): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. The file was written to {path}; pass "
-            "check_input=(real inputs the model accepts) to check on those instead") from exc
+        _check(plain, session, xs, sizes, report, given, traced)
+    except _FixedGraph as fixed:
+        if not _runs_at(plain, session, xs, traced, given):  # not even at the batch it was exported at: no fixed
+            _check(plain, session, xs, sizes, report, given, None)  # batch, a wrong graph, reported as such
+        else:
+            graph = f"the exported graph runs only at batch size {traced}, the batch it was exported at ({fixed})"
+            if asked:
+                raise ValueError(f"export_onnx: dynamic_batch=True, but {graph}; pass dynamic_batch=False (or leave "
+                                 "it unset) to export and check it at the example's batch size") from None
+            logger.warning("export_onnx: %s; exporting it at the example's shapes %s instead, as dynamic_batch=False "
+                           "does", graph, _shapes(xs))
+            dynamic_batch, sizes = False, (None,)
+            report, session = _export_and_load(exported, xs, path, False, opset, settings, graph)
+            _check(plain, session, xs, sizes, report, given, None)
     if quantized:
         report.max_output_steps, report.max_output_fraction = max_output_steps, max_output_fraction
 
         _agreement(plain, session, xs, check_input, report, fixed_batch=None if dynamic_batch else _batch_size(xs[0]))
     if not report.passed:
-        limit = "; ".join(report.failures()) if quantized else \
+        limit = "; ".join(report.failures()) if quantized else _shapes_text(report) if report.shape_mismatches else \
             f"differs from PyTorch beyond atol={atol:g} + rtol={rtol:g} x max |output|"
+        if report.data_dependent and not quantized:
+            limit += _data_dependent_text(report)
         raise ExportMismatchError(f"export_onnx: onnxruntime {limit}; the model was written to {path} for "
                                   f"inspection\n{report}", report)
     logger.info("%s", report)
     return report
 
 
-def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: bool, opset: int | None):
+class _FixedGraph(Exception):
+    """What shows that the exported graph does not run at a batch size other than the one it was exported at."""
+
+
+class _OnnxRuntimeFailed(Exception):
+    """onnxruntime raised running the file (its own error types derive from Exception only)."""
+
+
+def _check(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport,
+           given: tuple[Tensor, ...] | None, traced: int | None) -> None:
+    """``_compare``, with the model's and onnxruntime's errors turned into ones that say what to do."""
+    try:
+        _compare(model, session, xs, sizes, report, given, traced)
+    except _OnnxRuntimeFailed as exc:
+        raise RuntimeError(f"export_onnx: onnxruntime could not run the exported file ({exc}); it was written to "
+                           f"{report.path} for inspection") from exc.__cause__
+    except (AssertionError, RuntimeError, ValueError, IndexError) as exc:
+        if given is not None:
+            raise
+        raise ValueError(
+            f"export_onnx: the model raised on the check's inputs, which are drawn at random like example_input "
+            f"(floats around its mean and std, integers between its min and max): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}. The file was written to {report.path}; pass "
+            "check_input=(real inputs the model accepts) to check on those instead") from exc
+
+
+def _runs_at(model: nn.Module, session, xs: tuple[Tensor, ...], batch: int, given: tuple[Tensor, ...] | None) -> bool:
+    """Whether onnxruntime runs the file at ``batch`` and returns PyTorch's number of outputs in PyTorch's shapes."""
+    g = torch.Generator().manual_seed(2)
+    xb = tuple(c[:batch] for c in given) if given is not None and len(given[0]) >= batch else \
+        tuple(_random_like(x, batch, g) for x in xs)
+    try:
+        with torch.no_grad():
+            expected = _output_tensors(model(*xb))
+        got = session.run(None, _feed(session, xb))
+    except Exception:
+        return False
+    return len(got) == len(expected) and all(tuple(o.shape) == tuple(e.shape) for o, e in zip(got, expected))
+
+
+def _export_and_load(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: bool, opset: int | None,
+                     settings: dict, static_reason: str | None):
+    """Export, run onnx.checker, and return the report (its settings filled in) and an onnxruntime session."""
+    exporter, reason = _export(model, xs, path, dynamic_batch, opset)
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    onnx.checker.check_model(path)
+    report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto),
+                          fallback_reason=reason, size_bytes=file_size(path, proto), static_batch=static_reason,
+                          **settings)
+    return report, _session(path, report)
+
+
+def _traced_inputs(xs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor, ...]:
     # torch.export specialises a dim of size 1: export with a batch of 2 so the batch dim stays symbolic.
-    ex = tuple(x.expand(2, *x.shape[1:]).contiguous() for x in xs) if dynamic_batch and len(xs[0]) == 1 else xs
+    return tuple(x.expand(2, *x.shape[1:]).contiguous() for x in xs) if dynamic_batch and len(xs[0]) == 1 else xs
+
+
+def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: bool, opset: int | None):
+    ex = _traced_inputs(xs, dynamic_batch)
     kwargs = {} if opset is None else {"opset_version": opset}
     try:
         batch = torch.export.Dim("batch", min=1)
@@ -398,7 +477,8 @@ def _session(path: str, report: ExportReport):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # not the warning that the optimised file below is machine-specific
+    # not the warning that the optimised file below is machine-specific, nor errors: they are raised, and said once
+    options.log_severity_level = 4
     if not report.quantized:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     import onnx
@@ -556,25 +636,46 @@ def _agreement(model: nn.Module, session, xs: tuple[Tensor, ...], check_input: t
 
 
 def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: ExportReport,
-             given: tuple[Tensor, ...] | None = None) -> None:
+             given: tuple[Tensor, ...] | None = None, traced: int | None = None) -> None:
     """Run both on random inputs drawn like ``xs`` (or on the first items of ``given``, the user's check inputs);
-    every output tensor is compared with its ONNX output.
+    every output tensor is compared with its ONNX output on the same input, batch size by batch size (an output
+    whose size depends on the data may have another size at each).
 
     Per batch size the report keeps the output closest to its allowance (``atol + rtol * its max |value|``),
     so a small auxiliary output is not judged by the scale of a large main one.
+
+    Raises:
+        _FixedGraph: at a batch size other than ``traced`` (the batch a dynamic-batch file was exported at),
+            onnxruntime raised or returned other outputs or shapes than PyTorch.
+        _OnnxRuntimeFailed: onnxruntime raised otherwise.
     """
     import numpy as np
 
     g = torch.Generator().manual_seed(0)
     for b in sizes:
         if given is not None:
-            xb = tuple(c if b is None else c[:b] for c in given)
+            # None: the example's own batch size (a fixed-batch file takes no other)
+            xb = tuple(c[:_batch_size(x)] if b is None else c[:b] for c, x in zip(given, xs))
         else:
             xb = tuple(_random_like(x, b, g) for x in xs)
         b = b if b is not None else _batch_size(xb[0])  # the report's key
         with torch.no_grad():
             expected = [t.numpy() for t in _output_tensors(model(*xb))]
-        got = session.run(None, _feed(session, xb))
+        other = traced is not None and b != traced  # where a graph fixed at `traced` shows it
+        try:
+            got = session.run(None, _feed(session, xb))
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            failed = f"onnxruntime at batch {b}: {_ort_complaint(exc)}"
+            raise (_FixedGraph if other else _OnnxRuntimeFailed)(failed) from exc
+        if other and len(got) != len(expected):
+            raise _FixedGraph(f"at batch {b} the ONNX model returns {len(got)} outputs, PyTorch {len(expected)}")
+        if other:
+            for k, (want, have) in enumerate(zip(expected, got)):
+                if have.shape != want.shape:
+                    raise _FixedGraph(f"at batch {b} output {k} is {tuple(have.shape)} in onnxruntime, "
+                                      f"{tuple(want.shape)} in PyTorch")
         report.outputs = (len(expected), len(got))
         if len(got) != len(expected):
             # The exporter dropped or added outputs (e.g. None or constants): pairing by position would
@@ -583,10 +684,14 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
                            "compared", len(expected), len(got))
             expected, got = expected[:1], got[:1]
         worst = None
-        for want, have in zip(expected, got):
+        if hasattr(session, "get_outputs"):
+            report.data_dependent = _data_dependent(session, fixed_shape=b is None)
+        for k, (want, have) in enumerate(zip(expected, got)):
             scale = float(np.abs(want).max()) if want.size else 0.0
             if have.shape != want.shape:
                 d = rel = float("inf")
+                report.shape_mismatches.setdefault(b, []).append(
+                    f"output {k} {tuple(have.shape)} in onnxruntime, {tuple(want.shape)} in PyTorch")
             else:
                 diff = np.abs(have.astype(np.float64) - want.astype(np.float64))
                 d = float(diff.max()) if diff.size else 0.0
@@ -596,6 +701,42 @@ def _compare(model: nn.Module, session, xs: tuple[Tensor, ...], sizes, report: E
             if worst is None or not slack <= worst[0]:  # NaN counts as worst
                 worst = (slack, d, rel, scale)
         _, report.max_abs_diff[b], report.max_rel_diff[b], report.output_scale[b] = worst
+
+
+def _data_dependent(session, fixed_shape: bool) -> dict[int, list[int]]:
+    """Output index -> its dims whose size depends on the data: dims the file leaves symbolic, other than the batch
+    (in a fixed-shape file every symbolic dim; else those not named after the batch, e.g. dynamo's ``u0``)."""
+    out = {}
+    for k, o in enumerate(session.get_outputs()):
+        dims = [i for i, d in enumerate(o.shape or [])
+                if not isinstance(d, int) and (fixed_shape or "batch" not in str(d))]
+        if dims:
+            out[k] = dims
+    return out
+
+
+def _ints(values) -> str:
+    return ", ".join(map(str, values))
+
+
+def _shapes_text(report: ExportReport) -> str:
+    """Why a float export failed when onnxruntime returned outputs in other shapes than PyTorch."""
+    where = "; ".join(f"batch {b}: {', '.join(m)}" for b, m in report.shape_mismatches.items())
+    return f"returns outputs shaped unlike PyTorch's on the same input ({where})"
+
+
+def _data_dependent_text(report: ExportReport) -> str:
+    """What a failure may owe to outputs whose size depends on the data."""
+    which = f"output{'s' if len(report.data_dependent) > 1 else ''} {_ints(report.data_dependent)}"
+    return (f"; the size of {which} depends on the data (items kept by a threshold, top-k or NMS): where items "
+            "tie or sit at a threshold, onnxruntime and PyTorch can keep or order different ones, which no tolerance "
+            "covers (or the graph is wrong): check on real inputs (check_input=...)")
+
+
+def _ort_complaint(exc: Exception, limit: int = 300) -> str:
+    """onnxruntime's error in one line, without its status-code preamble."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text}"[:limit]
 
 
 def _output_tensors(out) -> list[Tensor]:

@@ -1,7 +1,6 @@
 """Which modules count as convs, which are selected by default, and how to reach them in a wrapped model."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 from torch import nn
@@ -64,13 +63,3 @@ def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     for name in names:
         replace_submodule(root, name, new)
 
-
-def copy_model(model: nn.Module, who: str, *, inplace_hint: bool = True) -> nn.Module:
-    """``copy.deepcopy(model)``, with an error that says which call copies and what to do when it fails."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as e:  # deepcopy raises whatever the unpicklable attribute raises
-        fix = "pass inplace=True to work on the model itself, or make it deepcopyable" if inplace_hint else \
-            "make it deepcopyable"
-        raise TypeError(f"{who} works on a copy of the model, and copy.deepcopy({type(model).__name__}) failed "
-                        f"({type(e).__name__}: {e}); {fix}") from e

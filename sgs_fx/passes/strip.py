@@ -7,7 +7,8 @@ from ..hooks import detach_hook
 from ..ownership import SCALE_BUFFER, is_sgs_conv
 from .functional import strip_functional
 from .graph import strip_graph
-from .select import copy_model, replace_everywhere, unwrap
+from .copying import copy_model
+from .select import replace_everywhere, unwrap
 
 
 def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:

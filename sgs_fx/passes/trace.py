@@ -7,6 +7,7 @@ conv *modules* stays complete. Functional ``F.conv*d`` calls are then found by o
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,8 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
     if isinstance(model, _ConvNd):  # the root itself is the conv: its own weight is no functional call
         return CallSites(traced=True, order=[""])
     try:
-        graph = _ConvLeafTracer().trace(model)
+        with _attributes_kept(model):
+            graph = _ConvLeafTracer().trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         sites = CallSites(traced=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
         if example_inputs is not None:
@@ -82,3 +84,32 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
                 sites.functional_calls.append((weight.target, conv_args(node)))
     sites.computed = computed_kernel_calls(graph, model)
     return sites
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module):
+    """Undo what a traced forward assigns: a cache (``self.last = out``) or a list of deep-supervision heads
+    (``self.heads[i] = head(x)``) would otherwise keep the trace's Proxies after ``transform``."""
+    saved = []
+    for m in model.modules():
+        saved.append((m.__dict__, dict(m.__dict__)))
+        saved += [(c, c.copy()) for c in _containers(m.__dict__.values(), set(), 0)]
+    try:
+        yield
+    finally:
+        for container, items in saved:
+            if isinstance(container, dict):
+                if container.keys() != items.keys() or any(container[k] is not v for k, v in items.items()):
+                    container.clear()
+                    container.update(items)
+            elif len(container) != len(items) or any(a is not b for a, b in zip(container, items)):
+                container[:] = items
+
+
+def _containers(values, seen: set[int], depth: int):
+    """The lists and dicts among ``values``, and those they hold (a few levels deep)."""
+    for v in values:
+        if isinstance(v, (list, dict)) and id(v) not in seen and depth < 4:
+            seen.add(id(v))
+            yield v
+            yield from _containers(v.values() if isinstance(v, dict) else v, seen, depth + 1)
