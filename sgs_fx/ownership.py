@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 __all__ = ["SCALE_BUFFER", "sgs_role", "is_sgs_conv", "hook_target", "is_pruned", "target_of", "stepped_tensor",
            "scales_at_step", "is_dtensor", "claim", "claim_sharded", "release", "other_owner", "owner_of",
-           "any_owned", "owned_in"]
+           "any_owned", "owned_in", "generation"]
 
 SCALE_BUFFER = "sgs_scale"  # S: a non-persistent buffer of every SGS module, of the kernel's spatial shape
 
@@ -28,6 +28,7 @@ _OWNERS: "dict[int, weakref.ref]" = {}
 # parameter from forward to the end of backward (or to the step, with reshard_after_backward off), and the
 # optimizer's step must still find it from the sharded one it steps.
 _SHARDED: "dict[int, weakref.ref]" = {}
+_GENERATION = [0]  # changes with every entry added or removed: what the tables say may have changed
 
 
 def sgs_role(m: nn.Module) -> str | None:
@@ -96,16 +97,29 @@ def is_dtensor(t: Tensor) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
+def generation() -> int:
+    """Changes whenever an entry of the tables is added or removed (the key of what is derived from them)."""
+    return _GENERATION[0]
+
+
 def claim(w: Tensor, conv: nn.Module) -> None:
     """Record that ``conv``'s hook is on ``w`` (the entry goes with ``conv``)."""
     key = id(w)
-    _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _OWNERS.pop(key, None) if _OWNERS.get(key) is ref else None)
+    _OWNERS[key] = weakref.ref(conv, lambda ref, key=key: _forget(key, ref))
+    _GENERATION[0] += 1
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _OWNERS.get(key) is ref:
+        del _OWNERS[key]
+        _GENERATION[0] += 1
 
 
 def claim_sharded(w: Tensor, conv: nn.Module) -> None:
     """FSDP2: ``w`` is the sharded parameter an optimizer steps for ``conv``'s weight."""
     conv.__dict__["_sgs_sharded"] = w
     _SHARDED[id(w)] = weakref.ref(conv)
+    _GENERATION[0] += 1
 
 
 def release(w: Tensor, conv: nn.Module) -> None:
@@ -113,6 +127,7 @@ def release(w: Tensor, conv: nn.Module) -> None:
     ref = _OWNERS.get(id(w))
     if ref is not None and ref() is conv:
         del _OWNERS[id(w)]
+    _GENERATION[0] += 1
 
 
 def other_owner(w: Tensor, conv: nn.Module) -> nn.Module | None:
@@ -143,8 +158,7 @@ def any_owned() -> bool:
 
 
 def owned_in(param_groups) -> list[tuple[Tensor, nn.Module]]:
-    """(Parameter, SGS module) for each SGS weight among ``param_groups`` (an optimizer's, as they are now): a few
-    dict lookups per Parameter, so nothing about the groups needs caching."""
+    """(Parameter, SGS module) for each SGS weight among ``param_groups`` (an optimizer's, as they are now)."""
     found = []
     owners, sharded = _OWNERS, _SHARDED
     for group in param_groups:

@@ -80,7 +80,11 @@ class StepHook:
             return mul_cast(conv._buffers[SCALE_BUFFER], grad)
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
-        w = stepped_tensor(conv)
+        d = conv.__dict__  # (the stepped tensor: FSDP2's sharded parameter, or the one this hook is on)
+        w = d.get("_sgs_sharded")
+        if w is None:
+            hooked = d.get("_sgs_hook")
+            w = hooked.param if hooked is not None else stepped_tensor(conv)
         version = w._version if w is not None else 0
         if state.pending and version != state.version:
             warn_unscaled(conv)

@@ -5,9 +5,10 @@ carries a tensor hook, which the autograd engine runs for every gradient it comp
 backward, ``torch.autograd.grad``, DDP, DataParallel and FSDP2 alike). The hook changes nothing; it sets
 ``pending`` in the conv's ``GradState`` (``record.py``). A global optimizer step pre-hook
 (``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every ``step()`` of every
-``torch.optim.Optimizer``, walks that optimizer's parameters (no cache: whatever its param groups hold now), and
-multiplies the ``.grad`` of each SGS weight with a pending gradient by S — S read from the conv at that moment —
-then clears ``pending``. Nothing is marked on gradient tensors, and nothing of S is cached.
+``torch.optim.Optimizer``, finds that optimizer's SGS weights (kept per optimizer under a key of every Parameter's
+identity in every group and of the ownership tables' generation: ``_step_weights``), and multiplies the ``.grad``
+of each SGS weight with a pending gradient by S — S read from the conv at that moment — then clears ``pending``.
+Nothing is marked on gradient tensors, and nothing of S is cached.
 
 S is linear, so this is the update of scaling each gradient in the backward pass: micro-batches accumulated into
 ``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's unscaling
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import optimizers
-from .ownership import SCALE_BUFFER, any_owned, is_dtensor, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
+from .ownership import SCALE_BUFFER, any_owned, generation, is_dtensor, is_sgs_conv, owned_in, scales_at_step, \
+    stepped_tensor
 from .passes.registry import instrumented
 from .record import grad_state
 
@@ -61,30 +63,70 @@ def _due(state, capturing: bool) -> bool:
     return due
 
 
+# optimizer -> (key, its (Parameter, conv) pairs): the walk's result, keyed on everything the walk reads
+_WEIGHTS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _step_weights(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
+    """(Parameter, conv) for each weight of ``opt`` whose gradient the step scales.
+
+    Kept per optimizer under a key of everything the answer depends on: the identity of every Parameter of every
+    param group, in order (a group added, replaced, or changed in place changes it), and the generation of the
+    ownership tables (any hook attached, moved or removed, a conv stripped or switched to per-use scaling, changes
+    it). Building the key is one C-level pass over the groups; the walk itself costs about a microsecond per SGS
+    weight more.
+    """
+    key = (generation(), *(tuple(map(id, group["params"])) for group in opt.param_groups))
+    cached = _WEIGHTS.get(opt)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pairs = [(p, conv) for p, conv in owned_in(opt.param_groups) if scales_at_step(conv)]
+    _WEIGHTS[opt] = (key, pairs)
+    return pairs
+
+
 def _apply_at_step(pairs, owner) -> None:
-    """Multiply the pending gradients of ``pairs`` by S; a step of these weights ends their prescaled state."""
+    """Multiply the pending gradients of ``pairs`` by S; a step of these weights ends their prescaled state.
+
+    Runs at every step, right after a backward pass has left the caches cold: one loop, few attribute reads.
+    """
     grads: list[Tensor] = []
     scales: list[Tensor] = []
     capturing = _capturing()
     for p, conv in pairs:
-        state = grad_state(conv)
+        state = conv.__dict__.get("_sgs_grad") or grad_state(conv)
         if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
             state.prescaled = False
-            continue
-        if _due(state, capturing):
-            _collect(p, conv, grads, scales)
-    _multiply(grads, scales, owner)
+        elif state.pending or state.replayed:
+            state.pending = False
+            if capturing:  # the captured multiply runs at every replay
+                state.replayed = False
+            g = p.grad
+            if g is not None:
+                if type(g) is not Tensor:
+                    g = _local(g, conv)
+                grads.append(g)
+                scales.append(conv._buffers[SCALE_BUFFER])
+    if grads:
+        _multiply(grads, scales, owner)
 
 
 def _collect(p: Tensor, conv: nn.Module, grads: list, scales: list) -> None:
     g = p.grad
     if g is None:
         return
-    if type(g) is not Tensor and is_dtensor(g):  # FSDP2: S multiplies each rank's shard
-        _check_placements(g, conv)
-        g = g.to_local()
+    if type(g) is not Tensor:
+        g = _local(g, conv)
     grads.append(g)
     scales.append(conv._buffers[SCALE_BUFFER])
+
+
+def _local(g: Tensor, conv: nn.Module) -> Tensor:
+    """FSDP2: S multiplies each rank's shard of a DTensor gradient (a Tensor subclass otherwise: itself)."""
+    if not is_dtensor(g):
+        return g
+    _check_placements(g, conv)
+    return g.to_local()
 
 
 def _multiply(grads: list[Tensor], scales: list[Tensor], owner) -> None:
@@ -171,7 +213,7 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
         return None
     if torch.compiler.is_compiling():  # a compiled step: this bookkeeping runs eagerly (a graph break)
         return _before_step_eager(opt, args, kwargs)
-    pairs = [(p, conv) for p, conv in owned_in(opt.param_groups) if scales_at_step(conv)]
+    pairs = _step_weights(opt)
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if not callable(closure):  # no closure (or an optimizer whose step takes something else first)

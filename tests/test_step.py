@@ -965,3 +965,17 @@ def test_double_after_float_returns_to_the_float64_S_that_was_set():
     sgs[0].sgs_scale.copy_(direct)  # written directly: the master copy no longer holds the S in force
     sgs.double()
     assert torch.equal(sgs[0].sgs_scale, direct.double())
+
+
+def test_an_optimizer_that_stepped_before_an_inplace_transform_scales_after_it():
+    # training goes on with the same optimizer (and the same Parameter objects) once the model is instrumented
+    other = sgs_fx.transform(net())  # (an SGS model in the process: the plain optimizer's steps are looked at)
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step_grads(model, opt, X)
+    sgs_fx.transform(model, inplace=True)
+    scales = scaled(model)
+    assert_equal_grads(step_grads(model, opt, X), scaled_grads(plain_grads(net(), X), scales))
+    sgs_fx.strip(model, inplace=True)
+    assert_equal_grads(step_grads(model, opt, X), plain_grads(net(), X))
+    assert sgs_fx.instrumented(other)
