@@ -15,7 +15,7 @@ from torch.fx import Proxy
 from torch.nn.utils import parametrize
 
 from .backward import scale_grad
-from .hooks import (NOT_COPIED, attach_hook, attached_for, deepcopy_without_hook, keep_scale, refuse_foreign_trace,
+from .hooks import (NOT_PICKLED, attach_hook, attached_for, deepcopy_without_hook, keep_scale, refuse_foreign_trace,
                     replica_weight, replicate, tracing, warn_plain_tensor)
 from .ownership import SCALE_BUFFER, hook_target, is_sgs_conv, scales_at_step, target_of
 
@@ -54,6 +54,21 @@ class SGSConvMixin:
             # the call still relies on it)
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
+        if target is None:
+            _refuse_unfindable_weight(self)
+        hooked = self.__dict__.get("_sgs_hook")
+        if isinstance(w, nn.Parameter) and hooked is not None and hooked.param is not w and \
+                "_sgs_sharded" not in self.__dict__ and not self.__dict__.get("_sgs_per_use", False) and \
+                (tracing() or self.__dict__.get("_sgs_seen") != id(w)):
+            # A Parameter the hook is not on: for this call only (torch.func.functional_call with another model's
+            # Parameters, put back behind the module's back afterwards), or for good (a wrapper replaced it). This
+            # use is scaled per use and the hook stays on the Parameter the optimizer knows; the same Parameter at
+            # the next eager forward is there for good, and the hook moves to it. (FSDP2's unsharded parameter, the
+            # conv's own, takes the hook at once.)
+            if not tracing():
+                self.__dict__["_sgs_seen"] = id(w)
+            return scale_grad(w, self._buffers[SCALE_BUFFER])
+        self.__dict__.pop("_sgs_seen", None)
         if not tracing() and not attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed
@@ -103,12 +118,20 @@ class SGSConvMixin:
     def __reduce_ex__(self, protocol):
         # Derived classes are created at run time; pickle (torch.save) rebuilds them by base.
         # The hook state is not copied: a copy's weight is a new tensor and gets its own hook.
-        state = {k: v for k, v in self.__getstate__().items() if k not in NOT_COPIED}
+        state = {k: v for k, v in self.__getstate__().items() if k not in NOT_PICKLED}
         return rebuild_sgs_conv, (self._sgs_base,), state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         attach_hook(self)
+
+
+def _refuse_unfindable_weight(conv: nn.Module) -> None:
+    raise RuntimeError(
+        f"sgs_fx: {type(conv).__name__} has no weight Parameter that SGS can find (the legacy "
+        "torch.nn.utils.weight_norm or spectral_norm applied after transform, or `del conv.weight`), so S cannot be "
+        "applied to what trains it. Use torch.nn.utils.parametrizations.weight_norm / spectral_norm (supported "
+        "before or after transform), or sgs_fx.strip the model, apply the legacy wrapper, and transform again")
 
 
 class SGSOwnForwardMixin(SGSConvMixin):

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from torch.fx import Proxy
 
 from .backward import scale_dtype, scale_grad
-from .hooks import NOT_COPIED, attach_hook, deepcopy_without_hook, detach_hook, keep_scale, refuse_foreign_trace, tracing
+from .hooks import (NOT_PICKLED, attach_hook, deepcopy_without_hook, detach_hook, keep_scale, refuse_foreign_trace,
+                    tracing)
 from .ownership import SCALE_BUFFER, scales_at_step
 
 __all__ = ["SGSGraphWeight", "reversed_padding"]
@@ -86,7 +87,7 @@ class SGSGraphWeight(nn.Module):
         return out
 
     def __getstate__(self):
-        return {k: v for k, v in super().__getstate__().items() if k not in NOT_COPIED}
+        return {k: v for k, v in super().__getstate__().items() if k not in NOT_PICKLED}
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -26,10 +26,10 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .backward import mul_cast, scale_dtype, scale_grad
 from .ownership import (SCALE_BUFFER, claim, claim_sharded, is_dtensor, other_owner, release, sgs_role,
-                        target_of)
+                        stepped_tensor, target_of)
 from .record import StepHook, grad_state
 
-__all__ = ["HookState", "tracing", "attached_for", "NOT_COPIED", "deepcopy_without_hook", "attach_hook",
+__all__ = ["HookState", "tracing", "attached_for", "NOT_COPIED", "NOT_PICKLED", "deepcopy_without_hook", "attach_hook",
            "detach_hook", "keep_scale", "replicate", "replica_weight", "warn_plain_tensor", "refuse_foreign_trace"]
 
 logger = logging.getLogger("sgs_fx")
@@ -66,15 +66,21 @@ def attached_for(m: nn.Module, target: Tensor | None) -> bool:
 
 
 # what a copy (deepcopy, pickle) of an SGS module does not take along: its weight is a new tensor
-NOT_COPIED = ("_sgs_hook", "_sgs_sharded")
+NOT_COPIED = ("_sgs_hook", "_sgs_sharded", "_sgs_seen")
+# ... nor a pickle: it holds no gradients, so there is nothing pending for it
+NOT_PICKLED = NOT_COPIED + ("_sgs_grad",)
 
 
 def deepcopy_without_hook(module: nn.Module, memo: dict) -> nn.Module:
-    """Everything but the hook state is copied; the copy's weight is a new tensor and gets a hook of its own."""
+    """Everything but the hook state is copied; the copy's weight is a new tensor and gets a hook of its own.
+    The record of pending gradients is copied with the gradients, against the copy's weight."""
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
     new.__dict__.update(copy.deepcopy({k: v for k, v in module.__dict__.items() if k not in NOT_COPIED}, memo))
     attach_hook(new)
+    state, w = new.__dict__.get("_sgs_grad"), stepped_tensor(new)
+    if state is not None and w is not None:
+        state.version = w._version
     return new
 
 

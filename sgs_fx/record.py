@@ -60,7 +60,13 @@ def grad_state(conv: nn.Module) -> GradState:
 
 class StepHook:
     """``scaling="step"``'s tensor hook: notes each gradient in the conv's ``GradState`` and leaves it unchanged —
-    unless ``scale_gradients`` put the weight in the prescaled state, where it returns S ⊙ G.
+    unless ``scale_gradients`` put the weight in the prescaled state, or the process is part of a distributed job,
+    where it returns S ⊙ G.
+
+    Distributed: DDP (with ``find_unused_parameters`` or ``static_graph``) and FSDP2 write into a weight's ``.grad``
+    the reduction of other ranks' gradients even on a rank where the weight computed none, so no rank can tell at
+    its step which weights hold new gradients. Every rank sees each gradient it contributes here, before the
+    reduction: S applied to each of them is S applied to their reduction (S is linear and the same on all ranks).
 
     Holds the conv weakly (a strong reference from the weight's hook back to its module would make a cycle through
     the tensor) and reads S from it at each call, so a new S, however written, is the one used.
@@ -76,7 +82,7 @@ class StepHook:
         conv = self.conv()
         if conv is None:
             return None
-        if state.prescaled:
+        if state.prescaled or _distributed():
             return mul_cast(conv._buffers[SCALE_BUFFER], grad)
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
@@ -95,6 +101,14 @@ class StepHook:
 _CUDA = [torch.cuda.is_available()]  # (a monkeypatchable constant: tests emulate a capture)
 
 
+def _distributed() -> bool:
+    """Whether a default process group is initialised: then gradients are reduced across ranks after backward."""
+    return _DIST[0] and torch.distributed.is_initialized()
+
+
+_DIST = [torch.distributed.is_available()]
+
+
 _warned_unscaled = False
 
 
@@ -108,8 +122,9 @@ def warn_unscaled(conv: nn.Module) -> None:
         return
     _warned_unscaled = True
     warnings.warn(
-        f"sgs_fx: the weight of {type(conv).__name__} changed while its last gradient was still unscaled: no "
-        "torch.optim optimizer step applied S to it. Under scaling='step' (the default) only a torch.optim "
-        "optimizer's step() applies S: before a hand-written update or another optimizer, call "
-        "sgs_fx.scale_gradients(model), or transform with scaling='hook' (S applied in the backward pass). "
-        "(If you changed the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=2)
+        f"sgs_fx: the weight of {type(conv).__name__} changed while its last gradient was still unscaled: an update "
+        "used that gradient before a torch.optim optimizer step applied S to it (a hand-written update, an optimizer "
+        "outside torch.optim, or the first half of a two-step optimizer such as SAM). Under scaling='step' (the "
+        "default) S is applied when a torch.optim optimizer's step() begins: call sgs_fx.scale_gradients(model) right "
+        "after the backward, or transform with scaling='hook' (S applied in the backward pass). (If you changed "
+        "the weights yourself, e.g. re-initialised them, ignore this.)", stacklevel=2)

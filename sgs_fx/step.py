@@ -11,9 +11,9 @@ of each SGS weight with a pending gradient by S — S read from the conv at that
 Nothing is marked on gradient tensors, and nothing of S is cached.
 
 S is linear, so this is the update of scaling each gradient in the backward pass: micro-batches accumulated into
-``.grad`` are scaled once (S ⊙ Σ G), DDP's averaged gradient is scaled after its reduction, GradScaler's unscaling
-commutes with it, and under FSDP2 each rank multiplies its shard of the reduced gradient (S is spatial; shards
-split the channels).
+``.grad`` are scaled once (S ⊙ Σ G) and GradScaler's unscaling commutes with it. In a distributed job (DDP, FSDP2)
+the hook itself scales each gradient before the reduction (``record.StepHook``): a rank cannot tell at its step
+which of its weights other ranks' gradients reached.
 
 * Nested steps (Lookahead-style wrappers, a subclass calling ``super().step()``) and two steps with no backward in
   between find nothing pending the second time: S is applied once per gradient.
@@ -39,8 +39,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import optimizers
-from .ownership import SCALE_BUFFER, any_owned, generation, is_dtensor, is_sgs_conv, owned_in, scales_at_step, \
-    stepped_tensor
+from .ownership import SCALE_BUFFER, any_owned, generation, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
 from .passes.registry import instrumented
 from .record import grad_state
 
@@ -103,8 +102,6 @@ def _apply_at_step(pairs, owner) -> None:
                 state.replayed = False
             g = p.grad
             if g is not None:
-                if type(g) is not Tensor:
-                    g = _local(g, conv)
                 grads.append(g)
                 scales.append(conv._buffers[SCALE_BUFFER])
     if grads:
@@ -112,21 +109,9 @@ def _apply_at_step(pairs, owner) -> None:
 
 
 def _collect(p: Tensor, conv: nn.Module, grads: list, scales: list) -> None:
-    g = p.grad
-    if g is None:
-        return
-    if type(g) is not Tensor:
-        g = _local(g, conv)
-    grads.append(g)
-    scales.append(conv._buffers[SCALE_BUFFER])
-
-
-def _local(g: Tensor, conv: nn.Module) -> Tensor:
-    """FSDP2: S multiplies each rank's shard of a DTensor gradient (a Tensor subclass otherwise: itself)."""
-    if not is_dtensor(g):
-        return g
-    _check_placements(g, conv)
-    return g.to_local()
+    if p.grad is not None:
+        grads.append(p.grad)
+        scales.append(conv._buffers[SCALE_BUFFER])
 
 
 def _multiply(grads: list[Tensor], scales: list[Tensor], owner) -> None:
@@ -224,10 +209,8 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
         return None
     if pairs:
         optimizers.warn_if_adaptive(opt)
-        for _, conv in pairs:  # the closure computes the gradients this step uses
-            grad_state(conv).prescaled = False
 
-    def closure_then_scale():
+    def closure_then_scale():  # (prescaled weights stay so until after the call: what it adds arrives scaled)
         loss = closure()
         if torch.compiler.is_compiling():  # (a compiled step traces its closure)
             _after_closure_eager(opt, pairs)
@@ -280,12 +263,3 @@ def scale_gradients(model: nn.Module) -> int:
         held += p is not None and p.grad is not None
     _multiply(grads, scales, model)
     return held
-
-
-def _check_placements(grad, conv) -> None:
-    spatial = [pl for pl in grad.placements if pl.is_shard() and pl.dim % grad.dim() >= 2]
-    if spatial:
-        raise ValueError(
-            f"sgs_fx: the gradient of {type(conv).__name__}'s weight is sharded along a spatial kernel dim "
-            f"({spatial[0]}), where S cannot be applied shard by shard; shard the weight along dim 0 (FSDP2's "
-            "default) or use scaling='hook'")

@@ -561,7 +561,7 @@ def test_an_optimizer_outside_torch_optim_warns():
     sgs(X).pow(2).sum().backward()
     opt.step()
     sgs.zero_grad(set_to_none=True)
-    with pytest.warns(UserWarning, match="no torch.optim optimizer step applied S"):
+    with pytest.warns(UserWarning, match="before a torch.optim optimizer step applied S"):
         sgs(X).pow(2).sum().backward()
 
 
@@ -775,34 +775,49 @@ def test_mi_scheduler_calibrates_a_step_model():
     assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(plain_grads(net(), X), scales))
 
 
+def _kernel_rows_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 4, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 2)).double()
+
+
+def _rank_input(rank):
+    return torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + rank))
+
+
 def _spatially_sharded_worker(rank, world, init, out):
     with gloo_group(rank, world, init):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Shard
 
-        torch.manual_seed(0)
-        model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 4, 4, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 2)).double())
+        model = sgs_fx.transform(_kernel_rows_net())
+        scaled(model)
         fully_shard(model, shard_placement_fn=lambda p: Shard(2) if p.dim() == 4 else None)  # along kernel rows
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        model(torch.randn(2, 3, 9, 9, dtype=torch.float64)).pow(2).sum().backward()
-        try:
-            opt.step()
-            said = "the step applied S to spatial shards"
-        except ValueError as exc:
-            said = str(exc)
+        names, params = zip(*model.named_parameters())
+        opt = torch.optim.SGD(params, lr=0.0)
+        model(_rank_input(rank)).pow(2).sum().backward()
+        opt.step()
+        full = {n: p.grad.full_tensor() for n, p in zip(names, params)}
         if rank == 0:
-            with open(out, "w") as f:
-                f.write(said)
+            torch.save(full, out)
 
 
-def test_a_gradient_sharded_along_a_kernel_dim_is_refused_by_a_real_fsdp2_step():
-    # S is spatial: a shard of kernel rows would need its own slice of S; FSDP2 sharding along dim 2 is refused
+def test_a_gradient_sharded_along_a_kernel_dim_is_scaled_exactly():
+    # S is spatial, and FSDP2 may shard kernel rows: in a distributed job the hook scales each full gradient before
+    # the reduce-scatter, so no rank needs its own slice of S
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "said")
+        out = os.path.join(tmp, "grads.pt")
         mp.spawn(_spatially_sharded_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
-        with open(out) as f:
-            said = f.read()
-    assert "sharded along a spatial kernel dim (S(2))" in said and "dim 0" in said
+        got = torch.load(out)
+    scales = scaled(sgs_fx.transform(_kernel_rows_net()))
+    plain = _kernel_rows_net()
+    for rank in range(2):
+        (plain(_rank_input(rank)).pow(2).sum() / 2).backward()
+    want = scaled_grads({n: p.grad for n, p in plain.named_parameters()}, scales)
+    for name, g in want.items():
+        assert (got[name] - g).abs().max().item() <= 1e-12, name  # (reduced in another order)
+        if name.endswith("weight"):
+            assert (got[name] - plain.get_parameter(name).grad).abs().max().item() > 1e-3, name  # S applied
+
 
 
 def test_a_captured_step_multiplies_by_S_itself_not_a_cached_copy(monkeypatch):
@@ -979,3 +994,141 @@ def test_an_optimizer_that_stepped_before_an_inplace_transform_scales_after_it()
     sgs_fx.strip(model, inplace=True)
     assert_equal_grads(step_grads(model, opt, X), plain_grads(net(), X))
     assert sgs_fx.instrumented(other)
+
+
+class _SometimesUsed(nn.Module):
+    """A second conv used only where ``use`` is true (drop-path, MoE, conditional branches)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, use):
+        y = torch.tanh(self.c1(x))
+        return y + self.c2(y) if use else y
+
+
+def _unused_input(rank, step):
+    return torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _unused_on_one_rank_worker(rank, world, init, out, ddp_kwargs):
+    with gloo_group(rank, world, init):
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = sgs_fx.transform(_SometimesUsed().double())
+        scaled(model)
+        ddp = DDP(model, **ddp_kwargs)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(2):
+            opt.zero_grad()
+            ddp(_unused_input(rank, step), use=rank == 1).pow(2).sum().backward()
+            opt.step()
+        weights = [torch.empty_like(model.c2.weight) for _ in range(world)]
+        dist.all_gather(weights, model.c2.weight.detach())
+        if rank == 0:
+            torch.save({"c2_per_rank": weights, "state": model.state_dict()}, out)
+
+
+@pytest.mark.parametrize("ddp_kwargs", [{"find_unused_parameters": True}, {"static_graph": True}],
+                         ids=["find_unused_parameters", "static_graph"])
+def test_ddp_with_a_conv_unused_on_one_rank_keeps_the_ranks_equal_and_exact(ddp_kwargs):
+    # rank 0 never computes c2's gradient, yet DDP writes rank 1's share into it: S must reach it on both ranks
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(_unused_on_one_rank_worker, args=(2, os.path.join(tmp, "init"), out, ddp_kwargs), nprocs=2,
+                 join=True)
+        got = torch.load(out)
+    scales = scaled(sgs_fx.transform(_SometimesUsed().double()))
+    plain = _SometimesUsed().double()
+    for step in range(2):  # DDP's average of the two ranks' gradients, then S, then SGD
+        plain.zero_grad()
+        sum(plain(_unused_input(r, step), use=r == 1).pow(2).sum() for r in range(2)).div(2).backward()
+        with torch.no_grad():
+            for n, p in plain.named_parameters():
+                conv = n.split(".")[0]
+                p -= 0.1 * (scales[conv] * p.grad if n.endswith("weight") else p.grad)
+    assert torch.equal(got["c2_per_rank"][0], got["c2_per_rank"][1])
+    for n, p in plain.named_parameters():
+        assert (got["state"][n] - p.detach()).abs().max().item() <= 1e-12, n
+
+
+def test_functional_call_with_another_model_s_parameters_leaves_s_where_it_was():
+    from torch.func import functional_call
+
+    sgs, opt, scales = stepped()
+    snapshot = net()  # e.g. an EMA copy's parameters, evaluated through the training model
+    want = scaled_grads(plain_grads(net(), X), scales)
+    opt.zero_grad()
+    sgs(X).pow(2).sum().backward()
+    with torch.no_grad():
+        functional_call(sgs, dict(snapshot.named_parameters()), (X,))  # between backward and step
+    opt.step()
+    assert_equal_grads(now(sgs), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(sgs, backend="aot_eager")  # compiled forwards never re-check the hook
+    for _ in range(2):
+        assert_equal_grads(step_grads(sgs, opt, X, call=compiled), want)
+
+
+def test_functional_call_with_an_sgs_copy_s_parameters_is_scaled_per_use_and_ties_nothing(caplog):
+    from torch.func import functional_call
+
+    sgs, opt, scales = stepped()
+    copy_ = copy.deepcopy(sgs)
+    params = dict(copy_.named_parameters())
+    with caplog.at_level(logging.WARNING, logger="sgs_fx"):
+        functional_call(sgs, params, (X,)).pow(2).sum().backward()
+    assert "share one weight" not in caplog.text
+    assert_equal_grads({n: p.grad for n, p in params.items()}, scaled_grads(plain_grads(net(), X), scales))
+    assert all(sgs_fx.ownership.scales_at_step(m) for m in sgs_fx.instrumented(sgs).values())
+
+
+def test_a_closure_step_keeps_the_gradients_scale_gradients_scaled_before_it():
+    # Lightning's accumulate_grad_batches=2 with scale_gradients in on_after_backward: the first micro-batch is
+    # scaled before the step, the second inside the step's closure
+    sgs, _, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X, backwards=2), scales)
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
+    opt.zero_grad()
+    sgs(X).pow(2).sum().backward()
+    sgs_fx.scale_gradients(sgs)
+
+    def closure():
+        loss = sgs(X).pow(2).sum()
+        loss.backward()
+        sgs_fx.scale_gradients(sgs)
+        return loss
+
+    opt.step(closure)
+    for n, g in want.items():
+        assert (now(sgs)[n] - g).abs().max().item() <= 1e-12, n
+
+
+@pytest.mark.parametrize("legacy", ["weight_norm", "spectral_norm"])
+def test_a_legacy_weight_wrapper_applied_after_transform_is_refused(legacy):
+    sgs, _, _ = stepped()
+    getattr(torch.nn.utils, legacy)(sgs[0])
+    with pytest.raises(RuntimeError, match="parametrizations.weight_norm"):
+        sgs(X)
+
+
+def test_a_model_saved_with_a_pending_gradient_trains_on_without_a_false_warning():
+    import io
+
+    sgs, _, scales = stepped()
+    sgs(X).pow(2).sum().backward()  # pending, and then saved (torch.save pickles the module, not its .grad)
+    buffer = io.BytesIO()
+    torch.save(sgs, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.zero_grad()
+            loaded(X).pow(2).sum().backward()
+            opt.step()
