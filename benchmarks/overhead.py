@@ -15,6 +15,8 @@ Variants (each its own copy of the same initial model, SGD momentum):
   flag_hook_c        the plain model with a post-accumulate-grad hook on each SGS conv's weight that is a C
                      method (a set's ``add``): the cost of knowing, from torch's own event, that a gradient arrived
   flag_hook_py       the same with a Python function as the hook (sets a flag, reads the weight's version)
+  flag_prehook_py    the same Python function as a tensor hook (``register_hook``: it runs for every gradient
+                     autograd computes for the weight, ``torch.autograd.grad``'s too, before accumulation)
   branches_acb       real 3x3 + 1x3 + 3x1 branch blocks (mode="branches", recipe "acb")
   *_compiled         torch.compile'd plain / sgs / sgs_hook (with --compile)
 
@@ -106,7 +108,7 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     variants = {"plain": plain, "plain_again": copy.deepcopy(plain), "sgs": sgs, "sgs_hook": hook,
                 "sgs_per_use": per_use_copy(hook), "official": copy.deepcopy(plain),
                 "multiply_floor": copy.deepcopy(plain), "flag_hook_c": copy.deepcopy(plain),
-                "flag_hook_py": copy.deepcopy(plain)}
+                "flag_hook_py": copy.deepcopy(plain), "flag_prehook_py": copy.deepcopy(plain)}
     if branches:
         variants["branches_acb"] = sgs_fx.transform(plain, mode="branches", branches="acb")
     if compile_:
@@ -123,8 +125,8 @@ def make_variants(name: str, st: Setting, compile_: bool, branches: bool) -> dic
     official._sgs_official = pairs
     floor = variants["multiply_floor"]
     floor._sgs_floor = [(floor.get_submodule(n).weight, s.to(st.device)) for n, s in sgs_fx.get_scales(sgs).items()]
-    for k in ("flag_hook_c", "flag_hook_py"):
-        _add_flag_hooks(variants[k], list(sgs_fx.get_scales(sgs)), python=k.endswith("py"))
+    for k in ("flag_hook_c", "flag_hook_py", "flag_prehook_py"):
+        _add_flag_hooks(variants[k], list(sgs_fx.get_scales(sgs)), python=k.endswith("py"), pre=k == "flag_prehook_py")
     steps = {}
     for k, m in variants.items():
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=st.cuda or None)
@@ -147,10 +149,25 @@ class _Flag:
         self.pending, self.version = True, p._version
 
 
-def _add_flag_hooks(model, names, python: bool) -> None:
+def _add_flag_hooks(model, names, python: bool, pre: bool = False) -> None:
     for n in names:
         w = model.get_submodule(n).weight
-        w.register_post_accumulate_grad_hook(_Flag() if python else set().add)
+        if pre:
+            w.register_hook(_PreFlag(w))
+        else:
+            w.register_post_accumulate_grad_hook(_Flag() if python else set().add)
+
+
+class _PreFlag(_Flag):
+    """``_Flag`` as a tensor hook: called with the incoming gradient, it reads the weight's version itself."""
+    __slots__ = ("weight",)
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def __call__(self, grad):
+        super().__call__(self.weight)
 
 
 def _make_step(fwd, opt, st: Setting, official_pairs=None, floor_pairs=None):
