@@ -25,9 +25,8 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .backward import mul_cast, scale_dtype, scale_grad
-from .ownership import (SCALE_BUFFER, claim, claim_sharded, is_dtensor, other_owner, release, sgs_role,
-                        stepped_tensor, target_of)
-from .record import StepHook, grad_state
+from .ownership import SCALE_BUFFER, claim, claim_sharded, is_dtensor, other_owner, release, sgs_role, target_of
+from .record import StepHook, grad_state, stepped_version
 
 __all__ = ["HookState", "tracing", "attached_for", "NOT_COPIED", "NOT_PICKLED", "deepcopy_without_hook", "attach_hook",
            "detach_hook", "keep_scale", "replicate", "replica_weight", "warn_plain_tensor", "refuse_foreign_trace"]
@@ -77,10 +76,7 @@ def deepcopy_without_hook(module: nn.Module, memo: dict) -> nn.Module:
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
     new.__dict__.update(copy.deepcopy({k: v for k, v in module.__dict__.items() if k not in NOT_COPIED}, memo))
-    attach_hook(new)
-    state, w = new.__dict__.get("_sgs_grad"), stepped_tensor(new)
-    if state is not None and w is not None:
-        state.version = w._version
+    attach_hook(new)  # (which also takes the copy's weight as the lost-S check's reference)
     return new
 
 
@@ -139,6 +135,8 @@ def attach_hook(conv: nn.Module) -> None:
         if w.grad_fn is None:
             claim(w, conv)
     conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step)
+    if at_step:  # the lost-S check compares against the weight as it is now
+        grad_state(conv).version = stepped_version(conv)
 
 
 def _register(w: Tensor, fn) -> object:

@@ -52,8 +52,10 @@ def warn_if_adaptive(optimizer: torch.optim.Optimizer) -> None:
 # reference would make the original model unpicklable, and torch.utils.swap_tensors refuses tensors with weakrefs.
 _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[str, list[weakref.ref]]]" = weakref.WeakKeyDictionary()
 _GENERATION = [0]  # changes whenever a copy is recorded: optimizers decided before are checked again
-# optimizer -> (generation, number of param groups) when its check was decided
-_DECIDED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def copies_generation() -> int:
+    return _GENERATION[0]
 
 
 def remember_copies(source: nn.Module, copy: nn.Module, weights: list[Tensor]) -> None:
@@ -73,18 +75,15 @@ def remember_copies(source: nn.Module, copy: nn.Module, weights: list[Tensor]) -
                 _COPIES.setdefault(owner, {}).setdefault(pname, []).append(weakref.ref(mod))
 
 
-def check_stale(optimizer: torch.optim.Optimizer) -> None:
-    """At a step: whether ``optimizer`` was built on a model that transform copied (warned once). Free once
-    decided for the copies recorded so far and the optimizer's param groups."""
+def check_stale(optimizer: torch.optim.Optimizer) -> bool:
+    """At a step: whether ``optimizer`` was built on a model that transform copied (warned once). True once decided
+    for the copies recorded so far (the caller keeps that, with the optimizer's param groups, and asks again only
+    when either changes)."""
     if not _COPIES:
-        return
-    mark = (_GENERATION[0], len(optimizer.param_groups))
-    if _DECIDED.get(optimizer) == mark:
-        return
+        return True
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     copied = copied_params(optimizer, ids)
-    if not copied or stale_verdict(optimizer, copied, ids):
-        _DECIDED[optimizer] = mark
+    return not copied or stale_verdict(optimizer, copied, ids)
 
 
 def copied_params(optimizer: torch.optim.Optimizer, ids: set[int]) -> list[tuple[Tensor, nn.Module, str]]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .backward import mul_cast
 from .ownership import SCALE_BUFFER, stepped_tensor
 
-__all__ = ["GradState", "grad_state", "StepHook", "warn_unscaled"]
+__all__ = ["GradState", "grad_state", "StepHook", "stepped_version", "check_unchanged", "warn_unscaled"]
 
 
 class GradState:
@@ -33,7 +33,8 @@ class GradState:
       gradient as it arrives, so ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between.
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
-    * ``version``: the stepped tensor's version when ``pending`` was set, for the lost-S warning only.
+    * ``version``: the stepped tensor's version after the last optimizer step of the weight (or when the hook was
+      attached), for the lost-S warning only.
     """
 
     __slots__ = ("pending", "prescaled", "replayed", "version")
@@ -78,35 +79,46 @@ class StepHook:
         self.conv, self.state = weakref.ref(conv), state
 
     def __call__(self, grad: Tensor):
+        # (runs for every conv in every backward, right after the conv's own backward kernels: kept short)
         state = self.state
-        conv = self.conv()
-        if conv is None:
-            return None
         if state.prescaled or _distributed():
-            return mul_cast(conv._buffers[SCALE_BUFFER], grad)
+            conv = self.conv()
+            return None if conv is None else mul_cast(conv._buffers[SCALE_BUFFER], grad)
+        if state.pending:  # a second gradient before any step: accumulation, unless the weight was updated since
+            conv = self.conv()
+            if conv is not None:
+                check_unchanged(conv, state)
+        else:
+            state.pending = True
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
-        d = conv.__dict__  # (the stepped tensor: FSDP2's sharded parameter, or the one this hook is on)
-        w = d.get("_sgs_sharded")
-        if w is None:
-            hooked = d.get("_sgs_hook")
-            w = hooked.param if hooked is not None else stepped_tensor(conv)
-        version = w._version if w is not None else 0
-        if state.pending and version != state.version:
-            warn_unscaled(conv)
-        state.pending, state.version = True, version
         return None
+
+
+def stepped_version(conv: nn.Module) -> int:
+    """The version of the tensor an optimizer steps for ``conv``'s weight (FSDP2's sharded one, or the hooked one)."""
+    d = conv.__dict__
+    w = d.get("_sgs_sharded")
+    if w is None:
+        hooked = d.get("_sgs_hook")
+        w = hooked.param if hooked is not None else stepped_tensor(conv)
+    return w._version if w is not None else 0
+
+
+def check_unchanged(conv: nn.Module, state: GradState) -> None:
+    """A gradient arrives while the last one is pending: if the weight changed since its last step, an update used
+    the unscaled gradient."""
+    version = stepped_version(conv)
+    if version != state.version:
+        state.version = version
+        warn_unscaled(conv)
 
 
 _CUDA = [torch.cuda.is_available()]  # (a monkeypatchable constant: tests emulate a capture)
 
 
-def _distributed() -> bool:
-    """Whether a default process group is initialised: then gradients are reduced across ranks after backward."""
-    return _DIST[0] and torch.distributed.is_initialized()
-
-
-_DIST = [torch.distributed.is_available()]
+# Whether a default process group is initialised: then gradients are reduced across ranks after backward.
+_distributed = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 
 
 _warned_unscaled = False

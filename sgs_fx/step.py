@@ -6,7 +6,7 @@ backward, ``torch.autograd.grad``, DDP, DataParallel and FSDP2 alike). The hook 
 ``pending`` in the conv's ``GradState`` (``record.py``). A global optimizer step pre-hook
 (``torch.optim.optimizer.register_optimizer_step_pre_hook``) runs before every ``step()`` of every
 ``torch.optim.Optimizer``, finds that optimizer's SGS weights (kept per optimizer under a key of every Parameter's
-identity in every group and of the ownership tables' generation: ``_step_weights``), and multiplies the ``.grad``
+identity in every group and of the ownership tables' generation: ``_plan``), and multiplies the ``.grad``
 of each SGS weight with a pending gradient by S — S read from the conv at that moment — then clears ``pending``.
 Nothing is marked on gradient tensors, and nothing of S is cached.
 
@@ -36,12 +36,12 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import optimizers
 from .ownership import SCALE_BUFFER, any_owned, generation, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
 from .passes.registry import instrumented
-from .record import grad_state
+from .record import grad_state, stepped_version
 
 __all__ = ["scale_gradients"]
 
@@ -62,38 +62,61 @@ def _due(state, capturing: bool) -> bool:
     return due
 
 
-# optimizer -> (key, its (Parameter, conv) pairs): the walk's result, keyed on everything the walk reads
-_WEIGHTS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+class _Plan:
+    """What the steps of one optimizer need: its SGS weights with their convs and records, found by a walk over its
+    param groups and kept under a key of everything the walk reads; and the copies generation for which the
+    built-before-transform check is decided."""
+
+    __slots__ = ("ref", "key", "weights", "stale_decided")
+
+    def __init__(self, opt, key, weights):
+        self.ref, self.key, self.weights, self.stale_decided = weakref.ref(opt), key, weights, None
 
 
-def _step_weights(opt: torch.optim.Optimizer) -> list[tuple[Tensor, nn.Module]]:
-    """(Parameter, conv) for each weight of ``opt`` whose gradient the step scales.
+# id(optimizer) -> its _Plan (a plain dict, cheaper than a WeakKeyDictionary at every step; emptied by a finalizer)
+_PLANS: dict[int, _Plan] = {}
 
-    Kept per optimizer under a key of everything the answer depends on: the identity of every Parameter of every
-    param group, in order (a group added, replaced, or changed in place changes it), and the generation of the
-    ownership tables (any hook attached, moved or removed, a conv stripped or switched to per-use scaling, changes
-    it). Building the key is one C-level pass over the groups; the walk itself costs about a microsecond per SGS
-    weight more.
+
+def _plan(opt: torch.optim.Optimizer) -> _Plan:
+    """``opt``'s plan: (Parameter, conv, GradState) for each weight whose gradient its step scales.
+
+    The key is everything the answer depends on: the identity of every Parameter of every param group, in order (a
+    group added, replaced, or changed in place changes it), and the generation of the ownership tables (any hook
+    attached, moved or removed, a conv stripped or switched to per-use scaling changes it). Making it is one C-level
+    pass over the groups. (A conv's GradState is created once and kept for its life: it can be held here.)
     """
-    key = (generation(), *(tuple(map(id, group["params"])) for group in opt.param_groups))
-    cached = _WEIGHTS.get(opt)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    pairs = [(p, conv) for p, conv in owned_in(opt.param_groups) if scales_at_step(conv)]
-    _WEIGHTS[opt] = (key, pairs)
-    return pairs
+    groups = opt.param_groups
+    key = (generation(), tuple(map(id, groups[0]["params"]))) if len(groups) == 1 else \
+        (generation(), *(tuple(map(id, group["params"])) for group in groups))
+    plan = _PLANS.get(id(opt))
+    if plan is not None and plan.key == key and plan.ref() is opt:
+        return plan
+    if plan is None or plan.ref() is not opt:
+        weakref.finalize(opt, _PLANS.pop, id(opt), None)
+    weights = [(p, conv, grad_state(conv)) for p, conv in owned_in(groups) if scales_at_step(conv)]
+    plan = _PLANS[id(opt)] = _Plan(opt, key, weights)
+    if weights:
+        optimizers.warn_if_adaptive(opt)
+    return plan
 
 
-def _apply_at_step(pairs, owner) -> None:
-    """Multiply the pending gradients of ``pairs`` by S; a step of these weights ends their prescaled state.
+def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """The lost-S check's reference: each stepped weight as the update left it."""
+    plan = _PLANS.get(id(opt))  # (what this step's pre-hook found)
+    if plan is not None and plan.ref() is opt:
+        for _, conv, state in plan.weights:
+            state.version = stepped_version(conv)
+
+
+def _apply_at_step(weights, owner) -> None:
+    """Multiply the pending gradients of ``weights`` by S; a step of these weights ends their prescaled state.
 
     Runs at every step, right after a backward pass has left the caches cold: one loop, few attribute reads.
     """
     grads: list[Tensor] = []
     scales: list[Tensor] = []
     capturing = _capturing()
-    for p, conv in pairs:
-        state = conv.__dict__.get("_sgs_grad") or grad_state(conv)
+    for p, conv, state in weights:
         if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
             state.prescaled = False
         elif state.pending or state.replayed:
@@ -198,24 +221,22 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
         return None
     if torch.compiler.is_compiling():  # a compiled step: this bookkeeping runs eagerly (a graph break)
         return _before_step_eager(opt, args, kwargs)
-    pairs = _step_weights(opt)
+    plan = _plan(opt)
     # (args holds the optimizer itself first: the hook wraps step(self, closure=None))
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if not callable(closure):  # no closure (or an optimizer whose step takes something else first)
-        optimizers.check_stale(opt)
-        if pairs:
-            optimizers.warn_if_adaptive(opt)
-            _apply_at_step(pairs, opt)
+        if plan.stale_decided != optimizers.copies_generation() and optimizers.check_stale(opt):
+            plan.stale_decided = optimizers.copies_generation()
+        if plan.weights:
+            _apply_at_step(plan.weights, opt)
         return None
-    if pairs:
-        optimizers.warn_if_adaptive(opt)
 
     def closure_then_scale():  # (prescaled weights stay so until after the call: what it adds arrives scaled)
         loss = closure()
         if torch.compiler.is_compiling():  # (a compiled step traces its closure)
-            _after_closure_eager(opt, pairs)
+            _after_closure_eager(opt, plan)
         else:
-            _after_closure(opt, pairs)
+            _after_closure(opt, plan)
         return loss
 
     if len(args) > 1:
@@ -223,16 +244,18 @@ def _before_step(opt: torch.optim.Optimizer, args, kwargs):
     return args, {**kwargs, "closure": closure_then_scale}
 
 
-def _after_closure(opt, pairs) -> None:
-    optimizers.check_stale(opt)
-    if pairs:
-        _apply_at_step(pairs, opt)
+def _after_closure(opt, plan: _Plan) -> None:
+    if plan.stale_decided != optimizers.copies_generation() and optimizers.check_stale(opt):
+        plan.stale_decided = optimizers.copies_generation()
+    if plan.weights:
+        _apply_at_step(plan.weights, opt)
 
 
 _before_step_eager = torch.compiler.disable(_before_step)
 _after_closure_eager = torch.compiler.disable(_after_closure)
 
 register_optimizer_step_pre_hook(_before_step)
+register_optimizer_step_post_hook(_after_step)
 
 
 def scale_gradients(model: nn.Module) -> int:
