@@ -41,7 +41,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from . import optimizers
 from .ownership import SCALE_BUFFER, any_owned, generation, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
 from .passes.registry import instrumented
-from .record import grad_state, stepped_version
+from .record import grad_state
 
 __all__ = ["scale_gradients"]
 
@@ -104,8 +104,8 @@ def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
     """The lost-S check's reference: each stepped weight as the update left it."""
     plan = _PLANS.get(id(opt))  # (what this step's pre-hook found)
     if plan is not None and plan.ref() is opt:
-        for _, conv, state in plan.weights:
-            state.version = stepped_version(conv)
+        for p, _, state in plan.weights:  # (p is the tensor the optimizer stepped)
+            state.version = p._version
 
 
 def _apply_at_step(weights, owner) -> None:
@@ -141,13 +141,10 @@ def _multiply(grads: list[Tensor], scales: list[Tensor], owner) -> None:
     """``grads[i] *= scales[i]`` in place (a half-precision gradient times the float32 S, rounded once)."""
     if not grads:
         return
-    if any(g.requires_grad for g in grads):  # a backward with create_graph=True: the multiply is not part of it
-        with torch.no_grad():
-            _multiply(grads, scales, owner)
-        return
-    if _fused_path(grads[0]) and not torch.compiler.is_compiling() and _gather_mul(grads, scales, owner):
-        return
-    torch._foreach_mul_(grads, scales)  # S broadcast over the channel dims (a CPU has no fused foreach path)
+    with torch.no_grad():  # (a backward with create_graph=True leaves gradients that require grad)
+        if _fused_path(grads[0]) and not torch.compiler.is_compiling() and _gather_mul(grads, scales, owner):
+            return
+        torch._foreach_mul_(grads, scales)  # S broadcast over the channel dims (a CPU has no fused foreach path)
 
 
 def _fused_path(g: Tensor) -> bool:
