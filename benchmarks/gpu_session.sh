@@ -5,7 +5,7 @@
 # already there, no internet, 64 MiB carried per call):
 #
 #   here:  .venv/bin/python benchmarks/gpu_data.py            # gpu_data/part1..3, ~44 MiB each (ignored by git)
-#   run:   command="bash benchmarks/gpu_session.sh 540"  carry=["gpu_data/part1"]  timeout_s=570
+#   run:   command="bash benchmarks/gpu_session.sh 330"  carry=["gpu_data/part1"]  timeout_s=360
 #
 # part1 holds 10,000 training images and the test set: a complete, smaller study. For the full 50,000 images carry
 # part2 and part3 first in quick successive calls to the warm machine (command="ls gpu_data"): ignored folders that
@@ -49,15 +49,17 @@ if ! step 90 check $PY benchmarks/fast_step.py --check $SMOKE_FLAG --json "$OUT/
     echo "!!! the captured step did not apply S and lr as the eager one does (or the check did not finish): the study runs eagerly"
     CAPTURE="--no-capture"
 fi
-# 2. the step's cost per arm, epochs interleaved, both models (synthetic images of CIFAR's shape, 50,000 a epoch)
-step 120 timing $PY benchmarks/fast_step.py --models vgg11_bn resnet18 --arms baseline sgs acb_fixed \
-    --rounds 6 $CAPTURE $SMOKE_FLAG --json "$OUT/fast_step.json" || true
-# 2b. the default scaling's eager cost on this GPU (its fused multiply: an index gather of S, one foreach multiply)
+# 2. the default scaling's eager cost on this GPU (its fused multiply: an index gather of S, one foreach multiply)
 if [ -z "$SMOKE_FLAG" ]; then
-    step 60 overhead $PY benchmarks/overhead.py --device cuda --rounds 15 \
+    step 40 overhead $PY benchmarks/overhead.py --device cuda --rounds 9 \
         --variants sgs sgs_hook official multiply_floor plain_again --json "$OUT/overhead_cuda.json" || true
 fi
-# 3. the study: interleaved by seed, one JSON line per finished run (and one per INT8 score)
+# 3. the captured step's cost per arm, epochs interleaved, both models (synthetic images of CIFAR's shape)
+TIMING_LIMIT=90
+[ -n "$SMOKE_FLAG" ] && TIMING_LIMIT=180  # (a CPU at smoke size is slower than a GPU at full size)
+step $TIMING_LIMIT timing $PY benchmarks/fast_step.py --models vgg11_bn resnet18 --arms baseline sgs acb_fixed \
+    --rounds 4 $CAPTURE $SMOKE_FLAG --json "$OUT/fast_step.json" || true
+# 4. the study: interleaved by seed, one JSON line per finished run (and one per INT8 score)
 cp benchmarks/results/study_gpu.jsonl "$OUT/study_gpu.jsonl" 2>/dev/null || touch "$OUT/study_gpu.jsonl"
 if [ -d gpu_data ] || [ -n "$SMOKE_FLAG" ]; then
     DATA="--data gpu_data"
@@ -72,7 +74,7 @@ if [ -d gpu_data ] || [ -n "$SMOKE_FLAG" ]; then
 else
     echo "no gpu_data/ carried: the study is skipped (see the header of this script)"
 fi
-# 4. is torch.compile (fused kernels) inside the captured step worth its compile time? (only if time is left)
+# 5. is torch.compile (fused kernels) inside the captured step worth its compile time? (only if time is left)
 if [ -z "$SMOKE_FLAG" ] && [ "$(left)" -gt 170 ]; then
     step $(( $(left) - 20 )) timing_compiled $PY benchmarks/fast_step.py --models vgg11_bn --arms baseline sgs \
         --rounds 4 --compile $CAPTURE --json "$OUT/fast_step_compiled.json" || true

@@ -9,7 +9,7 @@ from torch.fx import Proxy
 from .backward import scale_dtype, scale_grad
 from .hooks import (NOT_PICKLED, attach_hook, deepcopy_without_hook, detach_hook, keep_scale, refuse_foreign_trace,
                     tracing)
-from .ownership import SCALE_BUFFER, scales_at_step
+from .ownership import SCALE_BUFFER
 
 __all__ = ["SGSGraphWeight", "reversed_padding"]
 

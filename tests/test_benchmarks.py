@@ -33,8 +33,8 @@ def test_gpu_session_script_runs_blind_at_smoke_size(tmp_path):
     import os
 
     env = {**os.environ, "OUT": str(tmp_path), "SMOKE": "1", "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "100"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "240"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "session.log").read_text()
     for step in ("check", "timing", "study"):
@@ -49,13 +49,6 @@ def test_gpu_session_script_runs_blind_at_smoke_size(tmp_path):
     assert "paired difference to the baseline" in log and (tmp_path / "study_gpu.png").exists()
 
 
-def test_accuracy_study_smoke(tmp_path):
-    out = _run("benchmarks/accuracy.py", "--data", "synthetic", "--epochs", "1", "--seeds", "0", "--width", "0.0625",
-               "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "acc.json"))
-    table = json.loads((tmp_path / "acc.json").read_text())["results"]["table"]
-    assert set(table) == {"baseline", "sgs_mi", "branches_acb", "fixed_acb_scales"} and "mean ± std" in out
-
-
 def test_overhead_dispatch_bound_smoke(tmp_path):
     _run("benchmarks/overhead.py", "--dispatch-bound", "--models", "vgg11_bn", "--rounds", "2", "--inner", "1",
          "--warmup", "1", "--json", str(tmp_path / "o.json"))
@@ -66,23 +59,6 @@ def test_overhead_dispatch_bound_smoke(tmp_path):
          "--warmup", "1", "--variants", "sgs_hook", "--json", str(tmp_path / "v.json"))
     res = json.loads((tmp_path / "v.json").read_text())["results"]["vgg11_bn"]
     assert set(res) == {"plain", "sgs_hook", "setting"}
-
-
-def test_hook_cost_smoke(tmp_path):
-    _run("benchmarks/hook_cost.py", "--convs", "3", "--samples", "4", "--json", str(tmp_path / "h.json"))
-    _run("benchmarks/hook_cost.py", "--in-model", "vgg11_bn", "--steps", "3", "--json", str(tmp_path / "m.json"))
-    res = json.loads((tmp_path / "h.json").read_text())["results"]
-    assert {"plain", "sgs_hook", "noop_hook", "sgs_per_use", "foreach_after"} <= set(res)
-    assert res["plain"]["extra_per_conv_us"] == 0 and len(res["sgs_hook"]["extra_per_conv_us_ci95"]) == 2
-    in_model = json.loads((tmp_path / "m.json").read_text())["results"]
-    assert set(in_model) == {"kxk", "full"} and len(in_model["kxk"]["per_conv"]) == 8  # VGG-11-BN's 3x3 convs
-
-
-def test_batched_scaling_experiment_is_exact_and_runs(tmp_path):
-    _run("benchmarks/batched_scaling.py", "--rounds", "2", "--inner", "1", "--json", str(tmp_path / "b.json"))
-    results = json.loads((tmp_path / "b.json").read_text())["results"]
-    assert results["max_grad_error_float64"] == 0.0
-    assert {"plain", "sgs", "official", "batched"} <= set(results)
 
 
 def test_median_ci_brackets_the_median_and_narrows_with_more_data():
@@ -115,18 +91,3 @@ def test_int8_study_smoke(tmp_path):
     run = results["runs"][0]
     assert {"float_acc", "ptq_acc", "qat_acc", "weights"} <= set(run) and run["qat_export"]["quantized"]
     assert set(results["saturation"]["vgg11_bn"]) >= {"w7", "w8"}
-
-
-def test_the_h200_step_table_computes_its_200_epoch_column():
-    # a derived column follows from its inputs: the steady steps of the JSON record, x 390 steps x 200 epochs
-    text = (ROOT / "BENCHMARKS.md").read_text()
-    table = text.split("| run | steady step (ms) |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
-    record = json.loads((ROOT / "benchmarks/results/h200_2026-12-04.json").read_text())
-    measured = record["results"]["recipe_reduce_overhead"]["steady_step_ms"]
-    steps, seconds = [], []
-    for line in table:
-        _, ms, s, _ = line.rsplit("|", 3)
-        steps.append([float(v) for v in ms.split("/")])
-        seconds.append([int(v) for v in s.split("/")])
-    assert steps == list(measured.values())
-    assert seconds == [[round(m * (50_000 // 128) * 200 / 1e3) for m in run] for run in steps]
