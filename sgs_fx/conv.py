@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .backward import scale_grad
 from .hooks import (NOT_PICKLED, attach_hook, attached_for, deepcopy_without_hook, keep_scale, refuse_foreign_trace,
                     replica_weight, replicate, tracing, warn_plain_tensor)
-from .ownership import SCALE_BUFFER, hook_target, is_sgs_conv, scales_at_step, target_of
+from .ownership import SCALE_BUFFER, hook_target, is_sgs_conv, owner_of, scales_at_step, target_of
 
 __all__ = ["SGSConvMixin", "SGSOwnForwardMixin", "SGSParametrizedMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d",
            "sgs_class_for", "rebuild_sgs_conv", "is_sgs_conv"]
@@ -58,17 +58,13 @@ class SGSConvMixin:
             _refuse_unfindable_weight(self)
         hooked = self.__dict__.get("_sgs_hook")
         if isinstance(w, nn.Parameter) and hooked is not None and hooked.param is not w and \
-                "_sgs_sharded" not in self.__dict__ and not self.__dict__.get("_sgs_per_use", False) and \
-                (tracing() or self.__dict__.get("_sgs_seen") != id(w)):
-            # A Parameter the hook is not on: for this call only (torch.func.functional_call with another model's
-            # Parameters, put back behind the module's back afterwards), or for good (a wrapper replaced it). This
-            # use is scaled per use and the hook stays on the Parameter the optimizer knows; the same Parameter at
-            # the next eager forward is there for good, and the hook moves to it. (FSDP2's unsharded parameter, the
-            # conv's own, takes the hook at once.)
-            if not tracing():
-                self.__dict__["_sgs_seen"] = id(w)
-            return scale_grad(w, self._buffers[SCALE_BUFFER])
-        self.__dict__.pop("_sgs_seen", None)
+                "_sgs_sharded" not in self.__dict__ and not self.__dict__.get("_sgs_per_use", False):
+            # A Parameter the hook is not on, put in place behind the module's back (torch.func.functional_call with
+            # another model's Parameters, which torch puts back afterwards; a wrapper writing _parameters): the hook
+            # stays on the Parameter the optimizer knows (setattr or load_state_dict move it), and this use is scaled
+            # per use, unless the Parameter is another SGS conv's weight, whose own hook scales it. (FSDP2's
+            # unsharded parameter, the conv's own, takes the hook: _sgs_sharded.)
+            return w if owner_of(w) is not None else scale_grad(w, self._buffers[SCALE_BUFFER])
         if not tracing() and not attached_for(self, target):  # a traced forward cannot register hooks
             attach_hook(self)
         if w is None:  # pruned: the masked weight that torch.nn.utils.prune's pre-hook computed

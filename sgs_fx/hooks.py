@@ -26,7 +26,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .backward import mul_cast, scale_dtype, scale_grad
 from .ownership import SCALE_BUFFER, claim, claim_sharded, is_dtensor, other_owner, release, sgs_role, target_of
-from .record import StepHook, grad_state, stepped_version
+from .record import StepHook, grad_state, warn_unscaled
 
 __all__ = ["HookState", "tracing", "attached_for", "NOT_COPIED", "NOT_PICKLED", "deepcopy_without_hook", "attach_hook",
            "detach_hook", "keep_scale", "replicate", "replica_weight", "warn_plain_tensor", "refuse_foreign_trace"]
@@ -65,7 +65,7 @@ def attached_for(m: nn.Module, target: Tensor | None) -> bool:
 
 
 # what a copy (deepcopy, pickle) of an SGS module does not take along: its weight is a new tensor
-NOT_COPIED = ("_sgs_hook", "_sgs_sharded", "_sgs_seen")
+NOT_COPIED = ("_sgs_hook", "_sgs_sharded")
 # ... nor a pickle: it holds no gradients, so there is nothing pending for it
 NOT_PICKLED = NOT_COPIED + ("_sgs_grad",)
 
@@ -84,6 +84,7 @@ def attach_hook(conv: nn.Module) -> None:
     """(Re)attach ``conv``'s gradient hook to its current weight Parameter (or graph node's parameter) and S."""
     if "_sgs_replica" in conv.__dict__:
         return  # a DataParallel replica: the original module holds the hook (see replicate)
+    previous = conv.__dict__.get("_sgs_hook")
     detach_hook(conv)
     w = target_of(conv)
     s = conv._buffers.get(SCALE_BUFFER)
@@ -119,10 +120,10 @@ def attach_hook(conv: nn.Module) -> None:
         if conv.__dict__.get("_sgs_step", False):
             at_step = True  # the hook only records gradients: any torch.optim step scales .grad (sgs_fx/step.py)
             fn = StepHook(conv, grad_state(conv))
-            if is_dtensor(w):  # FSDP2's sharded parameter, which the optimizer steps while the conv holds another;
-                # autograd never computes its gradient (the unsharded parameter's hook records those)
-                claim_sharded(w, conv)
-                fn = None
+        if is_dtensor(w):  # FSDP2's sharded parameter, which the optimizer steps while the conv holds another;
+            # autograd never computes its gradient: the unsharded parameter's hook sees them (the forward moves it)
+            claim_sharded(w, conv)
+            fn = None
         if fn is not None and w.requires_grad:
             handle = _register(w, fn)
         elif fn is not None and w.grad_fn is None and not w.is_inference():
@@ -135,8 +136,11 @@ def attach_hook(conv: nn.Module) -> None:
         if w.grad_fn is None:
             claim(w, conv)
     conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step)
-    if at_step:  # the lost-S check compares against the weight as it is now
-        grad_state(conv).version = stepped_version(conv)
+    if at_step:
+        state = grad_state(conv)
+        if state.pending and previous is not None and previous.param is not w and not is_dtensor(previous.param):
+            warn_unscaled(conv)  # a pending gradient left on a Parameter the conv no longer uses: a new one assigned
+        state.version = None  # (the lost-S check's reference is taken again, from this weight)
 
 
 def _register(w: Tensor, fn) -> object:

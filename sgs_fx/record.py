@@ -29,19 +29,20 @@ class GradState:
     its copies, whose ``.grad`` is copied too.
 
     * ``pending``: a gradient arrived since S was last applied to ``.grad``; the next step multiplies it by S.
-    * ``prescaled``: ``scale_gradients`` applied S and no step of this weight has run since: the hook scales each
-      gradient as it arrives, so ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between.
+    * ``prescaled``: S is in ``.grad`` already — ``scale_gradients`` applied it, or the hook scaled what arrived in a
+      distributed job — and no step of this weight has run since: the hook scales each gradient as it arrives, so
+      ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between, and the step leaves it alone.
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
-    * ``version``: the stepped tensor's version after the last optimizer step of the weight (or when the hook was
-      attached), for the lost-S warning only.
+    * ``version``: the stepped tensor's version at the second gradient since S was last applied (None before), for
+      the lost-S warning only: a later gradient finding the weight changed means an update used an unscaled one.
     """
 
     __slots__ = ("pending", "prescaled", "replayed", "version")
 
     def __init__(self):
         self.pending = self.prescaled = self.replayed = False
-        self.version = 0
+        self.version = None
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -83,7 +84,11 @@ class StepHook:
         state = self.state
         if state.prescaled or _distributed():
             conv = self.conv()
-            return None if conv is None else mul_cast(conv._buffers[SCALE_BUFFER], grad)
+            if conv is None:
+                return None
+            if not state.prescaled:
+                _become_prescaled(conv, state)
+            return mul_cast(conv._buffers[SCALE_BUFFER], grad)
         if state.pending:  # a second gradient before any step: accumulation, unless the weight was updated since
             conv = self.conv()
             if conv is not None:
@@ -106,12 +111,26 @@ def stepped_version(conv: nn.Module) -> int:
 
 
 def check_unchanged(conv: nn.Module, state: GradState) -> None:
-    """A gradient arrives while the last one is pending: if the weight changed since its last step, an update used
-    the unscaled gradient."""
+    """A gradient arrives while earlier ones are pending: the weight's version is taken at the second such gradient,
+    and a change at any later one means an update used an unscaled gradient (a hand-written update warns at its
+    second iteration; gradient accumulation, LBFGS's updates between closure calls and a weight clamp after each
+    step, all between a step and the next two gradients, never do)."""
     version = stepped_version(conv)
-    if version != state.version:
-        state.version = version
+    if state.version is not None and version != state.version:
         warn_unscaled(conv)
+    state.version = version
+
+
+def _become_prescaled(conv: nn.Module, state: GradState) -> None:
+    """The hook starts scaling what arrives (a distributed job began): what ``.grad`` already holds unscaled gets S
+    now, so that all of it is S ⊙ G and the step leaves it alone."""
+    if state.pending:
+        hooked = conv.__dict__.get("_sgs_hook")
+        g = hooked.param.grad if hooked is not None else None
+        if g is not None:
+            with torch.no_grad():
+                g.mul_(conv._buffers[SCALE_BUFFER])
+    state.pending, state.version, state.prescaled = False, None, True
 
 
 _CUDA = [torch.cuda.is_available()]  # (a monkeypatchable constant: tests emulate a capture)

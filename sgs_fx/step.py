@@ -36,7 +36,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import optimizers
 from .ownership import SCALE_BUFFER, any_owned, generation, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
@@ -56,7 +56,7 @@ def _capturing() -> bool:
 def _due(state, capturing: bool) -> bool:
     """Whether ``.grad`` holds gradients S was not applied to; clears the record, since S is about to be."""
     due = state.pending or state.replayed
-    state.pending = False
+    state.pending, state.version = False, None
     if capturing:  # the captured multiply runs at every replay
         state.replayed = False
     return due
@@ -100,14 +100,6 @@ def _plan(opt: torch.optim.Optimizer) -> _Plan:
     return plan
 
 
-def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
-    """The lost-S check's reference: each stepped weight as the update left it."""
-    plan = _PLANS.get(id(opt))  # (what this step's pre-hook found)
-    if plan is not None and plan.ref() is opt:
-        for p, _, state in plan.weights:  # (p is the tensor the optimizer stepped)
-            state.version = p._version
-
-
 def _apply_at_step(weights, owner) -> None:
     """Multiply the pending gradients of ``weights`` by S; a step of these weights ends their prescaled state.
 
@@ -120,7 +112,7 @@ def _apply_at_step(weights, owner) -> None:
         if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
             state.prescaled = False
         elif state.pending or state.replayed:
-            state.pending = False
+            state.pending, state.version = False, None
             if capturing:  # the captured multiply runs at every replay
                 state.replayed = False
             g = p.grad
@@ -252,7 +244,6 @@ _before_step_eager = torch.compiler.disable(_before_step)
 _after_closure_eager = torch.compiler.disable(_after_closure)
 
 register_optimizer_step_pre_hook(_before_step)
-register_optimizer_step_post_hook(_after_step)
 
 
 def scale_gradients(model: nn.Module) -> int:

@@ -531,19 +531,21 @@ def test_a_hand_written_update_warns_once_and_names_the_way_out(compiled):
     sgs, _, _ = stepped()
     torch._dynamo.reset()
     call = torch.compile(sgs, backend="aot_eager") if compiled else sgs  # the warning comes from the backward
-    call(X).pow(2).sum().backward()
-    with torch.no_grad():
-        for p in sgs.parameters():
-            p -= 0.1 * p.grad
-    sgs.zero_grad()  # the usual loop: gradients gone before the next backward
-    with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
+
+    def iteration():
         call(X).pow(2).sum().backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
         with torch.no_grad():
             for p in sgs.parameters():
                 p -= 0.1 * p.grad
-        call(X).pow(2).sum().backward()  # once
+        sgs.zero_grad()  # the usual loop: gradients gone before the next backward
+
+    iteration()
+    iteration()  # (the weights' versions are taken at the second gradient since S was last applied)
+    with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
+        iteration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iteration()  # once
 
 
 def test_an_optimizer_outside_torch_optim_warns():
@@ -558,9 +560,10 @@ def test_an_optimizer_outside_torch_optim_warns():
 
     sgs, _, _ = stepped()
     opt = MySGD(sgs.parameters())
-    sgs(X).pow(2).sum().backward()
-    opt.step()
-    sgs.zero_grad(set_to_none=True)
+    for _ in range(2):
+        sgs(X).pow(2).sum().backward()
+        opt.step()
+        sgs.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="before a torch.optim optimizer step applied S"):
         sgs(X).pow(2).sum().backward()
 
@@ -1074,16 +1077,20 @@ def test_functional_call_with_another_model_s_parameters_leaves_s_where_it_was()
         assert_equal_grads(step_grads(sgs, opt, X, call=compiled), want)
 
 
-def test_functional_call_with_an_sgs_copy_s_parameters_is_scaled_per_use_and_ties_nothing(caplog):
+def test_functional_call_with_an_sgs_copy_s_parameters_leaves_them_to_their_own_hooks(caplog):
     from torch.func import functional_call
 
-    sgs, opt, scales = stepped()
-    copy_ = copy.deepcopy(sgs)
-    params = dict(copy_.named_parameters())
+    sgs, _, scales = stepped()
+    twin = copy.deepcopy(sgs)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.0)
+    want = scaled_grads(plain_grads(net(), X), scales)
     with caplog.at_level(logging.WARNING, logger="sgs_fx"):
-        functional_call(sgs, params, (X,)).pow(2).sum().backward()
+        for _ in range(2):
+            opt.zero_grad()
+            functional_call(sgs, dict(twin.named_parameters()), (X,)).pow(2).sum().backward()
+            opt.step()  # the twin's own records: S once, at its step
+            assert_equal_grads(now(twin), want)
     assert "share one weight" not in caplog.text
-    assert_equal_grads({n: p.grad for n, p in params.items()}, scaled_grads(plain_grads(net(), X), scales))
     assert all(sgs_fx.ownership.scales_at_step(m) for m in sgs_fx.instrumented(sgs).values())
 
 
@@ -1132,3 +1139,120 @@ def test_a_model_saved_with_a_pending_gradient_trains_on_without_a_false_warning
             opt.zero_grad()
             loaded(X).pow(2).sum().backward()
             opt.step()
+
+
+def _replaced_by_hand(conv):
+    conv._parameters["weight"] = nn.Parameter(conv.weight.detach().clone())  # no setattr: the hook stays put
+    return conv._parameters["weight"]
+
+
+def test_an_ema_evaluated_through_the_model_each_epoch_never_touches_s():
+    from torch.func import functional_call
+
+    sgs, opt, scales = stepped()
+    ema = dict(net().named_parameters())
+    G1, G2 = plain_grads(net(), X), plain_grads(net(), 2 * X)
+    want = scaled_grads({n: G1[n] + G2[n] for n in G1}, scales)
+    for _ in range(3):
+        for _ in range(2):
+            opt.zero_grad()
+            sgs(X).pow(2).sum().backward()
+            with torch.no_grad():
+                functional_call(sgs, ema, (X,))  # e.g. logging the EMA's loss between backward and step
+            sgs(2 * X).pow(2).sum().backward()
+            opt.step()
+            for n, g in want.items():
+                assert (now(sgs)[n] - g).abs().max().item() <= 1e-12, n
+        with torch.no_grad():
+            functional_call(sgs, ema, (X,))  # the epoch's EMA validation
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_weight_replaced_behind_the_module_is_scaled_once_at_every_step(compiled):
+    sgs, _, scales = stepped()
+    new = _replaced_by_hand(sgs[0])
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.0)
+    torch._dynamo.reset()
+    call = torch.compile(sgs, backend="aot_eager") if compiled else sgs
+    want = scaled_grads(plain_grads(net(), X, backwards=2), scales)
+    for _ in range(3):
+        opt.zero_grad()
+        call(X).pow(2).sum().backward()
+        with torch.no_grad():
+            sgs(X)  # an eager evaluation in between
+        call(X).pow(2).sum().backward()
+        opt.step()
+        for n, g in want.items():
+            assert (now(sgs)[n] - g).abs().max().item() <= 1e-12, n
+    assert sgs[0].weight is new
+
+
+def _enter_and_leave_a_job_worker(rank, world, init, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sgs = sgs_fx.transform(net())
+    scaled(sgs)
+    sgs(_fixed_input()).pow(2).sum().backward()  # pending, before the job starts
+    with gloo_group(rank, world, init):
+        ddp = DDP(sgs)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
+        ddp(2 * _fixed_input()).pow(2).sum().backward()  # accumulated onto the pending gradient
+        opt.step()
+        entered = {n: p.grad.clone() for n, p in sgs.named_parameters()}
+        opt.zero_grad()
+        sgs(_fixed_input()).pow(2).sum().backward()  # in the job, then leaving it mid-accumulation
+        dist.barrier()
+        dist.destroy_process_group()
+        sgs(2 * _fixed_input()).pow(2).sum().backward()
+        opt.step()
+        torch.save({"entered": entered, "left": {n: p.grad.clone() for n, p in sgs.named_parameters()}}, out)
+        dist.init_process_group("gloo", init_method=f"file://{init}_again", rank=rank, world_size=world)
+
+
+def test_entering_and_leaving_a_distributed_job_mid_accumulation_applies_s_once():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(_enter_and_leave_a_job_worker, args=(1, os.path.join(tmp, "init"), out), nprocs=1, join=True)
+        got = torch.load(out)
+    scales = scaled(sgs_fx.transform(net()))
+    plain = net()
+    plain(_fixed_input()).pow(2).sum().backward()
+    plain(2 * _fixed_input()).pow(2).sum().backward()
+    want = scaled_grads({n: p.grad for n, p in plain.named_parameters()}, scales)
+    for key in ("entered", "left"):
+        for n, g in want.items():
+            assert (got[key][n] - g).abs().max().item() <= 1e-12, (key, n)
+
+
+def test_lbfgs_accumulating_chunks_and_a_clamp_after_each_step_raise_no_false_warning():
+    sgs, _, scales = stepped()
+    opt = torch.optim.LBFGS(sgs.parameters(), lr=0.1, max_iter=3)
+
+    def closure():  # LBFGS moves the weights between its closure calls
+        opt.zero_grad()
+        loss = sgs(X[:1]).pow(2).mean() + sgs(X[1:]).pow(2).mean()
+        sgs(X[:1]).pow(2).mean().backward()
+        sgs(X[1:]).pow(2).mean().backward()
+        return loss
+
+    sgd = torch.optim.SGD(sgs.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+        for _ in range(3):  # max-norm style clamp after each step, two micro-batches a step
+            sgd.zero_grad()
+            for _ in range(2):
+                sgs(X).pow(2).mean().backward()
+            sgd.step()
+            with torch.no_grad():
+                sgs[0].weight.clamp_(-0.2, 0.2)
+
+
+def test_a_hand_written_update_assigning_a_new_parameter_warns():
+    sgs, _, _ = stepped()
+    with pytest.warns(UserWarning, match="before a torch.optim optimizer step applied S"):
+        for _ in range(2):
+            sgs(X).pow(2).sum().backward()
+            w = sgs[0].weight
+            sgs[0].weight = nn.Parameter(w.detach() - 0.1 * w.grad)  # the pending gradient is left behind

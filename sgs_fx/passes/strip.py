@@ -38,5 +38,5 @@ def _strip_sgs(conv: nn.Module) -> None:
     conv.__class__ = conv._sgs_base
     del conv._buffers[SCALE_BUFFER]
     for key in ("_sgs_order", "_sgs_in_forward", "_sgs_per_use", "_sgs_step", "_sgs_sharded", "_sgs_master",
-                "_sgs_grad", "_sgs_seen", "cls_to_become"):
+                "_sgs_grad", "cls_to_become"):
         conv.__dict__.pop(key, None)
