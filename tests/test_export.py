@@ -114,7 +114,7 @@ def _edit_onnxruntime(monkeypatch, edit) -> None:
     """Make export_onnx's onnxruntime session return ``edit(i, output_i)`` for each of its outputs."""
     import sgs_fx.export.onnx as export_module
 
-    real_session = export_module._session
+    real_session = export_module.open_session
 
     class Edited:
         def __init__(self, path, report):
@@ -129,7 +129,7 @@ def _edit_onnxruntime(monkeypatch, edit) -> None:
         def run(self, *args):
             return [edit(i, o) for i, o in enumerate(self.session.run(*args))]
 
-    monkeypatch.setattr(export_module, "_session", Edited)
+    monkeypatch.setattr(export_module, "open_session", Edited)
 
 
 def test_mismatch_raises_and_keeps_file(tmp_path, monkeypatch):
@@ -183,7 +183,8 @@ class ConvAndSum(nn.Module):
 def test_unpaired_outputs_compare_the_first_and_say_so(caplog):
     import numpy as np
 
-    from sgs_fx.export.onnx import ExportReport, _compare
+    from sgs_fx.export.check import _compare
+    from sgs_fx.export.report import ExportReport
 
     model = ConvAndSum().eval()
 
@@ -247,16 +248,16 @@ def test_several_inputs_are_exported_and_each_checked(tmp_path, monkeypatch):
     graph_inputs = onnx.load(tmp_path / "three.onnx").graph.input
     assert [i.type.tensor_type.elem_type for i in graph_inputs] == [onnx.TensorProto.FLOAT] * 2 + [onnx.TensorProto.INT64]
     # fed by position: an onnxruntime session that swapped image and mask would be caught
-    import sgs_fx.export.onnx as export_module
+    import sgs_fx.export.check as check_module
 
-    real_feed = export_module._feed
-    monkeypatch.setattr(export_module, "_feed", lambda session, xs: real_feed(session, (xs[1], xs[0], xs[2])))
+    real_feed = check_module._feed
+    monkeypatch.setattr(check_module, "_feed", lambda session, xs: real_feed(session, (xs[1], xs[0], xs[2])))
     with pytest.raises(sgs_fx.ExportMismatchError):
         sgs_fx.export_onnx(model, tmp_path / "swapped.onnx", inputs)
 
 
 def test_integer_inputs_are_drawn_within_their_range():
-    from sgs_fx.export.onnx import _random_like
+    from sgs_fx.export.check import random_like as _random_like
 
     g = torch.Generator().manual_seed(0)
     labels = _random_like(torch.tensor([2, 7]), 1000, g)
