@@ -36,7 +36,7 @@ class SGSConvMixin:
     def _sgs_weight(self) -> Tensor:
         """The weight for this forward: the Parameter itself, or ``scale_grad(weight, S)`` per use."""
         w = self._parameters.get("weight")
-        # The fast path: identity tests only (the hook, or the step's mark, is on this weight and this S).
+        # The fast path: identity tests only (the hook is on this weight and was made for this S).
         state = self.__dict__.get("_sgs_hook")
         if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
             return w
