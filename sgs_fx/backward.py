@@ -15,6 +15,8 @@ __all__ = ["scale_grad", "scale_dtype", "mul_cast"]
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward, ``grad * scale`` backward; ``scale`` broadcasts over the trailing (spatial) dims."""
 
+    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients): both halves are plain torch ops
+
     @staticmethod
     def forward(weight: Tensor, scale: Tensor) -> Tensor:
         # A view, not the input itself: autograd then records a proper node for this function.

@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 from .backward import scale_grad
 from .hooks import (NOT_PICKLED, attach_hook, attached_for, deepcopy_without_hook, keep_scale, refuse_foreign_trace,
                     replica_weight, replicate, tracing, warn_plain_tensor)
-from .ownership import SCALE_BUFFER, hook_target, is_sgs_conv, owner_of, scales_at_step, target_of
+from .ownership import (SCALE_BUFFER, derived_from_owned, hook_target, is_sgs_conv, owner_of, scales_at_step,
+                        target_of)
 
 __all__ = ["SGSConvMixin", "SGSOwnForwardMixin", "SGSParametrizedMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d",
            "sgs_class_for", "rebuild_sgs_conv", "is_sgs_conv"]
@@ -46,13 +47,9 @@ class SGSConvMixin:
         if "_sgs_replica" in self.__dict__:
             return replica_weight(self, self.weight)
         if w is not None and not isinstance(w, nn.Parameter):
-            # torch.func.functional_call & co. put a plain tensor in for one call
-            if scales_at_step(self):
-                warn_plain_tensor(self)
-                return w
-            # scaling="hook": scale that use, and leave the Parameter's hook where it is (a compiled forward after
-            # the call still relies on it)
-            return scale_grad(w, self._buffers[SCALE_BUFFER])
+            # torch.func.functional_call & co. put a plain tensor in for one call; the Parameter's hook stays where
+            # it is (a compiled forward after the call still relies on it)
+            return scale_grad(w, self._buffers[SCALE_BUFFER]) if self._scales_plain_tensor(w) else w
         target = w if w is not None else hook_target(self)  # None: parametrized after transform
         if target is None:
             _refuse_unfindable_weight(self)
@@ -72,6 +69,17 @@ class SGSConvMixin:
         if self.__dict__.get("_sgs_per_use", False):
             return scale_grad(w, self._buffers[SCALE_BUFFER])
         return w
+
+    def _scales_plain_tensor(self, w: Tensor) -> bool:
+        """Whether a plain tensor put in as the weight for one call is scaled per use."""
+        if derived_from_owned(w):
+            # computed from an SGS weight (a cast, added noise, a fast weight): that weight's own scaling applies S
+            # to the gradient it receives, once; scaling this use too would make it S² ⊙ G
+            return False
+        if scales_at_step(self):  # no step of a Parameter would see this gradient
+            warn_plain_tensor(self)
+            return False
+        return True  # scaling="hook": torch.func's gradients of plain tensors are S ⊙ G
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Proxy):
@@ -169,9 +177,9 @@ class SGSOwnForwardMixin(SGSConvMixin):
         if replica is not None:
             per_call = replica == "per_use"
         else:
-            self._sgs_weight()
             w = self._parameters.get("weight")  # None when pruned: the hook on weight_orig scales it
-            per_call = self._sgs_per_use or (w is not None and not isinstance(w, nn.Parameter))
+            # (_sgs_weight gives the weight itself unless this use is scaled per use)
+            per_call = self._sgs_per_use or (self._sgs_weight() is not w and w is not None)
         if not per_call:
             return self._sgs_base.forward(self, *args, **kwargs)
         self.__dict__["_sgs_in_forward"] = True

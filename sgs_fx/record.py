@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .backward import mul_cast
 from .ownership import SCALE_BUFFER, stepped_tensor
 
-__all__ = ["GradState", "grad_state", "StepHook", "stepped_version", "check_unchanged", "warn_unscaled"]
+__all__ = ["GradState", "grad_state", "StepHook", "stepped_weight", "check_unchanged", "settle", "warn_unscaled"]
 
 
 class GradState:
@@ -34,18 +34,21 @@ class GradState:
       ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between, and the step leaves it alone.
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
-    * ``version``: the stepped tensor's version at the second gradient since S was last applied (None before), for
+    * ``version``: the stepped tensor's version at the first gradient since S was last applied (None before), for
       the lost-S warning only: a later gradient finding the weight changed means an update used an unscaled one.
+    * ``kept``: ``(id, version)`` of the ``.grad`` tensor the last step left holding S ⊙ G. A gradient arriving
+      while that tensor is still in ``.grad`` unchanged (no ``zero_grad`` between two steps) is added to what is
+      scaled already: the weight becomes prescaled, so that the next step does not scale the kept part again.
     """
 
-    __slots__ = ("pending", "prescaled", "replayed", "version")
+    __slots__ = ("pending", "prescaled", "replayed", "version", "kept")
 
     def __init__(self):
         self.pending = self.prescaled = self.replayed = False
-        self.version = None
+        self.version = self.kept = None
 
-    def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+    def __getstate__(self):  # (``kept`` names a tensor of this process, which a copy's gradients are not)
+        return {k: getattr(self, k) for k in self.__slots__ if k != "kept"}
 
     def __setstate__(self, state):
         for k in self.__slots__:
@@ -87,50 +90,75 @@ class StepHook:
             if conv is None:
                 return None
             if not state.prescaled:
-                _become_prescaled(conv, state)
+                return _become_prescaled(conv, state, grad)
             return mul_cast(conv._buffers[SCALE_BUFFER], grad)
-        if state.pending:  # a second gradient before any step: accumulation, unless the weight was updated since
-            conv = self.conv()
+        conv = self.conv()
+        if state.pending:  # a later gradient before any step: accumulation, unless the weight was updated since
             if conv is not None:
                 check_unchanged(conv, state)
         else:
             state.pending = True
+            if conv is not None:
+                w = stepped_weight(conv)
+                if w is not None:
+                    state.version = w._version
+                    kept = w.grad
+                    if kept is not None and state.kept == (id(kept), kept._version):
+                        # the last step's S ⊙ G is still in .grad (no zero_grad since): this one is added to it
+                        return _become_prescaled(conv, state, grad)
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
         return None
 
 
-def stepped_version(conv: nn.Module) -> int:
-    """The version of the tensor an optimizer steps for ``conv``'s weight (FSDP2's sharded one, or the hooked one)."""
+def stepped_weight(conv: nn.Module) -> Tensor | None:
+    """The tensor an optimizer steps for ``conv``'s weight (FSDP2's sharded one, or the hooked one)."""
     d = conv.__dict__
     w = d.get("_sgs_sharded")
     if w is None:
         hooked = d.get("_sgs_hook")
         w = hooked.param if hooked is not None else stepped_tensor(conv)
-    return w._version if w is not None else 0
+    return w
 
 
 def check_unchanged(conv: nn.Module, state: GradState) -> None:
-    """A gradient arrives while earlier ones are pending: the weight's version is taken at the second such gradient,
-    and a change at any later one means an update used an unscaled gradient (a hand-written update warns at its
-    second iteration; gradient accumulation, LBFGS's updates between closure calls and a weight clamp after each
-    step, all between a step and the next two gradients, never do)."""
-    version = stepped_version(conv)
+    """A gradient arrives while earlier ones are pending: a weight changed since the first of them means an update
+    used an unscaled gradient (a hand-written update, the first half of SAM: warned at the second backward).
+    Gradient accumulation, steps GradScaler skipped, LBFGS's updates between closure calls (each call's gradients
+    are scaled when it returns) and a weight clamp after each step never change it in between."""
+    w = stepped_weight(conv)
+    version = w._version if w is not None else 0
     if state.version is not None and version != state.version:
         warn_unscaled(conv)
     state.version = version
 
 
-def _become_prescaled(conv: nn.Module, state: GradState) -> None:
-    """The hook starts scaling what arrives (a distributed job began): what ``.grad`` already holds unscaled gets S
-    now, so that all of it is S ⊙ G and the step leaves it alone."""
+def _become_prescaled(conv: nn.Module, state: GradState, grad: Tensor) -> Tensor:
+    """The hook starts scaling what arrives (a distributed job began, or ``.grad`` still holds the last step's
+    S ⊙ G): what ``.grad`` holds unscaled gets S now, so that all of it is S ⊙ G and the step leaves it alone.
+    Returns S ⊙ ``grad``."""
     if state.pending:
         hooked = conv.__dict__.get("_sgs_hook")
         g = hooked.param.grad if hooked is not None else None
-        if g is not None:
+        if g is not None and state.kept != (id(g), g._version):
             with torch.no_grad():
                 g.mul_(conv._buffers[SCALE_BUFFER])
     state.pending, state.version, state.prescaled = False, None, True
+    return mul_cast(conv._buffers[SCALE_BUFFER], grad)
+
+
+def settle(conv: nn.Module) -> None:
+    """S applied now to the gradient ``conv``'s weight holds pending: the conv is about to lose its SGS class
+    (``strip(inplace=True)`` between a backward and the step), after which no step would scale it."""
+    state = conv.__dict__.get("_sgs_grad")
+    if state is None or not (state.pending or state.replayed):
+        return
+    w = stepped_weight(conv)
+    g = w.grad if w is not None else None
+    if g is not None:
+        with torch.no_grad():
+            g.copy_(mul_cast(conv._buffers[SCALE_BUFFER], g))
+    state.pending = state.replayed = False
 
 
 _CUDA = [torch.cuda.is_available()]  # (a monkeypatchable constant: tests emulate a capture)

@@ -539,13 +539,53 @@ def test_a_hand_written_update_warns_once_and_names_the_way_out(compiled):
                 p -= 0.1 * p.grad
         sgs.zero_grad()  # the usual loop: gradients gone before the next backward
 
-    iteration()
-    iteration()  # (the weights' versions are taken at the second gradient since S was last applied)
+    iteration()  # (the weights' versions are taken at the first gradient since S was last applied)
     with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
         iteration()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iteration()  # once
+
+
+def test_the_first_half_of_sam_warns_at_its_second_backward():
+    # SAM's ascent step uses .grad before any torch.optim step applied S; its second backward tells
+    sgs, opt, _ = stepped()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sgs(X).pow(2).sum().backward()
+        with torch.no_grad():
+            for p in sgs.parameters():
+                p.add_(0.05 * p.grad)  # the perturbation, with the unscaled G
+        sgs.zero_grad()
+    with pytest.warns(UserWarning, match="such as SAM"):
+        sgs(X).pow(2).sum().backward()
+    opt.step()
+
+
+def test_steps_with_no_zero_grad_between_them_scale_each_gradient_once():
+    # .grad kept across steps holds S ⊙ G already: what is added to it is scaled as it arrives, not again at the step
+    sgs, opt, scales = stepped()
+    G = plain_grads(net(), X)
+    opt.zero_grad()
+    for k in (1, 2, 3):
+        sgs(X).pow(2).sum().backward()
+        opt.step()  # (lr 0: every backward gives the same G)
+        want = scaled_grads({n: k * g for n, g in G.items()}, scales)
+        for n, g in now(sgs).items():
+            assert (g - want[n]).abs().max().item() <= 1e-12, (k, n)  # (S ⊙ G summed k times vs S ⊙ kG: rounding)
+    opt.zero_grad(set_to_none=False)  # zeroed in place: the next gradient is new, and the step scales it
+    assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(G, scales))
+
+
+def test_strip_between_backward_and_step_applies_the_pending_S():
+    sgs, opt, scales = stepped()
+    want = scaled_grads(plain_grads(net(), X), scales)
+    sgs(X).pow(2).sum().backward()
+    copy_ = sgs_fx.strip(sgs)  # a copy: the model's pending gradients are left to its step
+    assert not any(p.grad is not None for p in copy_.parameters())
+    plain = sgs_fx.strip(sgs, inplace=True)  # no step would scale them afterwards: S now
+    opt.step()
+    assert_equal_grads(now(plain), want)
 
 
 def test_an_optimizer_outside_torch_optim_warns():
@@ -560,10 +600,9 @@ def test_an_optimizer_outside_torch_optim_warns():
 
     sgs, _, _ = stepped()
     opt = MySGD(sgs.parameters())
-    for _ in range(2):
-        sgs(X).pow(2).sum().backward()
-        opt.step()
-        sgs.zero_grad(set_to_none=True)
+    sgs(X).pow(2).sum().backward()
+    opt.step()
+    sgs.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="before a torch.optim optimizer step applied S"):
         sgs(X).pow(2).sum().backward()
 

@@ -5,6 +5,7 @@ checks, exactly in float64, that the gradient an optimizer step uses is still S 
 under both scalings: every test runs once with ``scaling="step"`` (the default) and once with ``"hook"``.
 """
 import functools
+import warnings
 import copy
 import io
 import logging
@@ -171,6 +172,51 @@ def test_functional_call_scales_the_tensors_passed_in(make):
     torch._dynamo.reset()
     compiled = torch.compile(sgs, fullgraph=True, backend="aot_eager")
     assert_exactly_scaled(grads(sgs, X, call=compiled), grads(make(), X), scales)
+
+
+@pytest.mark.parametrize("derive", ["noise", "cast"])
+@pytest.mark.parametrize("make", [net, same_net], ids=["torch_forward", "own_forward"])
+def test_a_weight_computed_from_the_model_s_own_is_scaled_once(make, derive, monkeypatch):
+    # weight noise, a cast, a first-order fast weight put in with functional_call: the gradient flows on to the
+    # model's Parameters, whose own scaling applies S once (scaling that use as well gave S² ⊙ G)
+    noise = {n: 1e-2 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(3))
+             for n, p in make().named_parameters()}
+
+    def call(model):
+        ps = {n: p + noise[n] if derive == "noise" else p.float().double() for n, p in model.named_parameters()}
+        return lambda x: torch.func.functional_call(model, ps, (x,))
+
+    monkeypatch.setattr(sgs_fx.hooks, "_warned_plain", False)
+    sgs = sgs_fx.transform(make())
+    scales = scaled(sgs)
+    plain = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (scaling="step": no "plain tensor" warning, S is applied)
+        got = grads(sgs, X, call=lambda x: call(sgs)(x))
+    assert_exactly_scaled(got, grads(plain, X, call=lambda x: call(plain)(x)), scales)
+
+
+@pytest.mark.parametrize("make", [net, same_net], ids=["torch_forward", "own_forward"])
+def test_functional_call_with_another_model_s_parameters_scales_them_per_use(make):
+    sgs = sgs_fx.transform(make())
+    scales = scaled(sgs)
+    other = make()  # plain Parameters, which no SGS hook is on
+    got = grads(other, X, call=lambda x: torch.func.functional_call(sgs, dict(other.named_parameters()), (x,)))
+    assert_exactly_scaled(got, grads(make(), X), scales)
+
+
+@pytest.mark.hook_only
+def test_per_sample_gradients_with_vmap_are_S_times_G():
+    from torch.func import functional_call, grad, vmap
+
+    def per_sample(model):
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        loss = lambda ps, x: functional_call(model, ps, (x[None],)).pow(2).sum()  # noqa: E731
+        return vmap(grad(loss), in_dims=(None, 0))(params, X)
+
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    assert_exactly_scaled(per_sample(sgs), per_sample(net()), scales)
 
 
 def test_strip_inplace_removes_the_hook():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..hooks import detach_hook
+from ..record import settle
 from ..ownership import SCALE_BUFFER, is_sgs_conv
 from .functional import strip_functional
 from .graph import strip_graph
@@ -20,8 +21,11 @@ def strip(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"sgs_fx.strip expects an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy_model(model, "sgs_fx.strip")
+        model = copy_model(model, "sgs_fx.strip")  # (a copy holds no gradients)
     root = unwrap(model)
+    for m in root.modules():  # a gradient still waiting for its step gets S now: no step would apply it after
+        if is_sgs_conv(m):
+            settle(m)
     if isinstance(root, fx.GraphModule):
         strip_graph(root)
     strip_functional(root)
