@@ -79,7 +79,8 @@ def leave_no_trace(model: nn.Module):
         with torch.no_grad():
             for m, name, b, value in saved:
                 now = m._buffers.get(name)
-                if now is not b or b.shape != value.shape:  # replaced or resized (a fake-quant's first ranges)
+                if now is not b or b.shape != value.shape or b.is_inference():
+                    # replaced, resized (a fake-quant's first ranges), or made under inference_mode (not writable)
                     m._buffers[name] = value
                 elif 0 not in b.stride():  # (a broadcast view cannot have been written: nothing to restore)
                     b.copy_(value)

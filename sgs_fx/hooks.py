@@ -178,7 +178,9 @@ def keep_scale(conv: nn.Module, old: Tensor | None) -> None:
     source = old
     if master is not None and (old.is_meta or torch.equal(master.to(old.dtype), old.detach().cpu())):
         source = master
-    conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
+    with torch.inference_mode(False):  # (a conversion under inference_mode, e.g. a validator's model.float(),
+        # would otherwise make S an inference tensor, which set_scales could not write)
+        conv._buffers[SCALE_BUFFER] = source.to(device=new.device, dtype=scale_dtype(w.dtype))
 
 
 def replicate(module: nn.Module, make_replica) -> nn.Module:

@@ -74,6 +74,20 @@ def test_calibration_leaves_mode_and_gradients_untouched():
     assert torch.equal(bn_stats, model[1].running_mean)
 
 
+def test_the_scheduler_runs_after_the_model_was_converted_under_inference_mode():
+    # an evaluation that converts the model inside torch.inference_mode() (ultralytics' validator does, to its
+    # EMA): its BatchNorm statistics come out as inference tensors, which calibration cannot write in place
+    model = sgs_fx.transform(small_net())
+    sched = sgs_fx.MIScheduler(model, loader(), warmup=0, every=1)
+    with torch.inference_mode():
+        model.double()
+    stats = model[1].running_mean.clone()
+    assert model[1].running_mean.is_inference()
+    sched.step(0)
+    assert torch.equal(model[1].running_mean, stats)
+    assert not torch.equal(sgs_fx.get_scales(model)["0"], torch.ones(3, 3, dtype=torch.float64))
+
+
 def test_resume_restores_scales():
     model = sgs_fx.transform(small_net())
     sched = sgs_fx.MIScheduler(model, loader(), warmup=0, every=3)

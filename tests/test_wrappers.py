@@ -205,6 +205,27 @@ def test_functional_call_with_another_model_s_parameters_scales_them_per_use(mak
     assert_exactly_scaled(got, grads(make(), X), scales)
 
 
+def test_a_conversion_under_inference_mode_leaves_S_writable():
+    # a validator's model.float() or .to(device) inside torch.inference_mode() (ultralytics does it to its EMA)
+    sgs = sgs_fx.transform(net().float())
+    scaled(sgs)
+    with torch.inference_mode():
+        sgs.float()  # (S is made again from its float64 master copy)
+    assert not sgs[0].sgs_scale.is_inference()
+    scales = scaled(sgs, seed=2)  # set_scales writes S in place, and the MI scheduler too
+    assert_exactly_scaled(grads(sgs, X.float()), grads(net().float(), X.float()), scales)
+
+
+def test_a_transform_under_inference_mode_leaves_S_writable():
+    sgs = net()
+    with torch.inference_mode():
+        sgs_fx.transform(sgs, inplace=True)  # (in place: a copy's weights would be inference tensors too)
+    scales = scaled(sgs)  # a new S buffer, for which the hook is made again at once
+    torch._dynamo.reset()
+    compiled = torch.compile(sgs, backend="aot_eager")  # (a compiled forward cannot re-check the hook)
+    assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
+
+
 @pytest.mark.hook_only
 def test_per_sample_gradients_with_vmap_are_S_times_G():
     from torch.func import functional_call, grad, vmap

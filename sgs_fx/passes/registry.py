@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..hooks import attach_hook
 from ..ownership import SCALE_BUFFER, is_sgs_conv, target_of
 from .select import unwrap
 
@@ -53,7 +54,11 @@ def write_scale(conv: nn.Module, s: Tensor) -> None:
     """
     conv.__dict__["_sgs_master"] = s.clone()
     buf = conv._buffers[SCALE_BUFFER]
-    if not buf.is_meta:
+    if buf.is_inference():  # made under torch.inference_mode (a transform there): it cannot be written in place
+        with torch.inference_mode(False):
+            conv._buffers[SCALE_BUFFER] = s.to(dtype=buf.dtype, device=buf.device)
+        attach_hook(conv)  # (the hook was made for the old S)
+    elif not buf.is_meta:
         with torch.no_grad():
             buf.copy_(s)
 
