@@ -104,7 +104,7 @@ def verify(model: nn.Module, batches: Sequence, *, steps: int = 100,
         raise ValueError("verify: batches is empty; pass at least one input batch")
     if scales is None and branches is None:
         branches = "acb"
-    base = copy_model(model, "sgs_fx.verify", inplace_hint=False).to(dtype)
+    base = copy_model(model, "sgs_fx.verify", fix="make it deepcopyable").to(dtype)
     branched = transform(base, mode="branches", scales=scales, branches=branches, filter_fn=filter_fn)
     sgs = transform(strip(branched), filter_fn=filter_fn)  # same folded start as the branched model
     set_scales(sgs, get_scales(branched))

@@ -1,4 +1,5 @@
 """transform / strip copy a model a training forward left holding tensors with autograd history (issue 27, item 2)."""
+import collections
 import logging
 import types
 
@@ -114,3 +115,34 @@ def test_a_tensor_with_history_the_copy_cannot_reach_is_named_with_inplace():
                                         r"\(RuntimeError: Only Tensors created explicitly.*pass inplace=True"):
         sgs_fx.strip(model)
     assert sgs_fx.transform(model, inplace=True) is model and sgs_fx.strip(model, inplace=True) is model
+
+
+def test_export_onnx_names_its_own_way_out_of_an_uncopyable_attribute(tmp_path):
+    model = KeepsInAnObject()
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"sgs_fx.export_onnx works on a copy.*failed at KeepsInAnObject.cache .*"
+                                        r"delete that attribute before exporting") as caught:
+        sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert "inplace" not in str(caught.value)  # (export_onnx has no such option)
+
+
+class KeepsInADeque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.recent = collections.deque(maxlen=2)
+        self.seen = set()
+
+    def forward(self, x):
+        self.recent.append(self.conv(x))
+        self.seen.add(self.recent[-1] * 1)
+        return self.recent[-1]
+
+
+def test_a_deque_of_tensors_with_history_is_copied_detached():
+    model = sgs_fx.transform(KeepsInADeque())
+    assert not model.recent and not model.seen  # the trace's Proxies were not left in them
+    model(torch.randn(1, 3, 8, 8))
+    plain = sgs_fx.strip(model)
+    assert plain.recent[0].grad_fn is None and torch.equal(plain.recent[0], model.recent[0])
+    assert model.recent[0].grad_fn is not None

@@ -151,3 +151,46 @@ def test_a_torchvision_detection_model_has_nothing_loose(caplog):
         sgs = sgs_fx.transform(model)
     assert "could not trace FasterRCNN" in caplog.text and not _warnings(caplog)
     assert len(sgs_fx.instrumented(sgs)) == sum(default_filter(n, m) for n, m in model.named_modules())
+
+
+class OtherConvFunctions(nn.Module):
+    """Convs sgs_fx does not instrument: torch.convolution on a Parameter, and a conv subclass with a second kernel
+    its own forward convolves with."""
+
+    class TwoKernels(nn.Conv2d):
+        def __init__(self):
+            super().__init__(3, 3, 3, padding=1)
+            self.extra = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+        def forward(self, x):
+            return super().forward(x) + F.conv2d(x, self.extra, padding=1)
+
+    def __init__(self, branch: bool):
+        super().__init__()
+        self.branch = branch
+        self.two = self.TwoKernels()
+        self.raw = nn.Parameter(torch.randn(3, 3, 3, 3))
+
+    def forward(self, x):
+        if self.branch and x.sum() > -1e9:  # untraceable
+            x = x * 1
+        return torch.convolution(self.two(x), self.raw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+
+
+@pytest.mark.parametrize("branch, example", [(False, False), (True, True), (True, False)],
+                         ids=["traced", "observed", "untraced"])
+def test_convs_sgs_fx_does_not_instrument_are_named(caplog, branch, example):
+    x = torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.INFO, logger="sgs_fx"):
+        sgs = sgs_fx.transform(OtherConvFunctions(branch), example_inputs=(x,) if example else None)
+    assert list(sgs_fx.instrumented(sgs)) == ["two"]
+    said = _warnings(caplog)
+    if example:  # seen: each call, with its function
+        assert len(said) == 1
+        assert "two.extra in torch.conv2d inside a conv module's forward, raw in torch.convolution" in said[0]
+        assert "passed no conv" not in caplog.text  # (not told that raw went to no conv)
+    elif branch:  # nothing run: every kernel-shaped Parameter that is no conv module's own kernel
+        assert len(said) == 1 and "are no conv module's own kernel (raw, two.extra)" in said[0]
+    else:  # the trace sees torch.convolution; the conv subclass is a leaf, its second kernel named as a maybe
+        assert len(said) == 2
+        assert "beside their weight (two.extra)" in said[0] and "raw in torch.convolution." in said[1]

@@ -15,6 +15,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ..passes.copying import copy_model
 from ..passes.select import unwrap
 from ..passes.strip import strip
 from ..quant import freeze
@@ -27,6 +28,10 @@ from .report import (ExportMismatchError, ExportReport, data_dependent_text, fil
 __all__ = ["export_onnx", "ExportReport", "ExportMismatchError", "onnx_accuracy", "file_size", "op_counts"]
 
 logger = logging.getLogger("sgs_fx")
+
+# (export_onnx has no inplace option: it must leave the user's model as it was)
+_COPY_FIX = ("delete that attribute before exporting (a forward may have left it), or make it deepcopyable: the "
+             "export works on a copy so that the model keeps its mode, device and instrumentation")
 
 
 Inputs = Union[Tensor, "tuple[Tensor, ...]"]
@@ -109,7 +114,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
         dynamic_batch, static_reason = False, f"the inputs share no batch dim: {shapes(xs)}"
     if check_input is not None:
         check_input = check_like(as_inputs(check_input, "check_input"), xs)
-    plain = strip(unwrap(model)).eval().cpu()  # a DDP / DataParallel / torch.compile wrapper: its model
+    # a copy (the user's model keeps its mode, device and instrumentation); a wrapper (DDP, torch.compile): its model
+    plain = strip(copy_model(unwrap(model), "sgs_fx.export_onnx", fix=_COPY_FIX), inplace=True).eval().cpu()
     quantized = has_quantization(plain)
     if quantized:
         if len({batch_size(x) for x in xs}) > 1:

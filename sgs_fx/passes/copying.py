@@ -2,11 +2,12 @@
 
 ``torch.Tensor.__deepcopy__`` refuses a tensor with autograd history (a non-leaf), and models keep such tensors
 between calls: MONAI's DynUNet keeps its deep-supervision heads in a list, torchvision's RAFT its correlation
-pyramid. Such a tensor is copied as its detached self (same values, storage shared as in the original, no history),
+pyramid. Such a tensor is copied as its detached self (same values, no history; storage shared among such tensors stays shared),
 which is what it would have been had the forward run under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 from collections.abc import Iterator
@@ -18,13 +19,16 @@ logger = logging.getLogger("sgs_fx")
 _MAX_DEPTH = 6  # nested containers searched for tensors with history: lists of lists of dicts, not arbitrary graphs
 
 
-def copy_model(model: nn.Module, who: str, *, inplace_hint: bool = True) -> nn.Module:
+_INPLACE_FIX = "pass inplace=True to work on the model itself, or make it deepcopyable"
+
+
+def copy_model(model: nn.Module, who: str, *, fix: str = _INPLACE_FIX) -> nn.Module:
     """A deep copy of ``model``; tensors a forward left with autograd history become detached copies.
 
     Args:
         model: the module to copy; it is not modified.
         who: the public call that copies (named in the error).
-        inplace_hint: say ``inplace=True`` in the error (the call has that option).
+        fix: what the error tells the user to do (the default names ``inplace=True``, for calls that have it).
 
     Raises:
         TypeError: something in the model cannot be deep-copied; names the attribute and the fix.
@@ -35,8 +39,6 @@ def copy_model(model: nn.Module, who: str, *, inplace_hint: bool = True) -> nn.M
         copied = copy.deepcopy(model, memo)
     except Exception as e:  # deepcopy raises whatever the uncopyable attribute raises
         where, cause = _first_uncopyable(model) or (type(model).__name__, e)
-        fix = "pass inplace=True to work on the model itself, or make it deepcopyable" if inplace_hint else \
-            "make it deepcopyable"
         raise TypeError(f"{who} works on a copy of the model, and copy.deepcopy({type(model).__name__}) failed at "
                         f"{where} ({type(cause).__name__}: {cause}); {fix}") from e
     if with_history:
@@ -60,7 +62,7 @@ def _detached_memo(tensors) -> tuple[dict, list[Tensor]]:
 
 def tensors_with_history(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Each tensor with a ``grad_fn`` held by a module of ``model`` (an attribute, a buffer, or an item of a list /
-    tuple / dict / set attribute, also nested), once, with its path."""
+    tuple / dict / set / deque attribute, also nested), once, with its path."""
     seen: set[int] = set()
     for name, m in model.named_modules():
         prefix = f"{type(model).__name__}{'.' + name if name else ''}"
@@ -89,7 +91,7 @@ def _search(value, path: str, seen: set[int], depth: int) -> Iterator[tuple[str,
         seen.add(id(value))
         for k, v in value.items():
             yield from _search(v, f"{path}[{k!r}]", seen, depth + 1)
-    elif isinstance(value, (list, tuple, set, frozenset)):
+    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
         seen.add(id(value))
         for i, v in enumerate(value):
             yield from _search(v, f"{path}[{i}]", seen, depth + 1)

@@ -115,6 +115,17 @@ def transform(
     sites = _graph_sites(model) if isinstance(model, fx.GraphModule) else find_conv_call_sites(model, example_inputs)
     if not sites.traced:
         _report_untraced(model, sites)
+    elif sites.loose:
+        logger.warning(
+            "sgs_fx.transform: conv module(s) of %s hold kernel-shaped Parameters beside their weight (%s): a conv "
+            "their own forward makes with one gets no S (sgs_fx scales each conv module's own weight)",
+            type(model).__name__, ", ".join(sites.loose[:8]))
+    if sites.unsupported:
+        logger.warning(
+            "sgs_fx.transform: %s makes conv calls sgs_fx does not instrument, so S does not reach their kernels: %s. "
+            "It instruments conv modules (their own kernel) and F.conv1d/2d/3d calls of other modules; call "
+            "F.conv*d there (or make the kernel a conv module's weight)", type(model).__name__,
+            ", ".join(f"{p} in {f}" for p, f in sites.unsupported[:8]))
 
     calls = [c for c in sites.functional_calls if mode == "sgs"]
     if not candidates and not already and not conv_nodes and not calls:
@@ -194,9 +205,9 @@ def _report_untraced(model: nn.Module, sites: CallSites) -> None:
     elif sites.loose:
         logger.warning(
             "sgs_fx.transform: %s, so its F.conv*d calls can only be found by running it. Every conv module is "
-            "instrumented, but %d Parameter(s) with a conv kernel's shape belong to no conv module (%s): an "
+            "instrumented, but %d Parameter(s) with a conv kernel's shape are no conv module's own kernel (%s): an "
             "F.conv*d call with one of them would get no S. Pass example_inputs=(<a batch>,) to transform to find "
-            "those calls with one forward (eval mode, no_grad; the model's state is left as it was)",
+            "those calls with one forward (eval mode, no_grad; buffers, modes and the RNG restored afterwards)",
             why, len(sites.loose), loose)
     else:
         logger.info("sgs_fx.transform: %s; conv modules found by walking named_modules(); every Parameter with a "

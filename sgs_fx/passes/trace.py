@@ -7,6 +7,7 @@ conv *modules* stays complete. Functional ``F.conv*d`` calls are then found by o
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .discover import loose_kernels, observe_conv_calls
+from .discover import extra_kernels, function_name, loose_kernels, observe_conv_calls, other_conv
 from .graph import computed_kernel_calls, conv_args
 from .select import is_conv_module, is_deform_conv
 
@@ -34,8 +35,11 @@ class CallSites:
         computed: conv calls whose kernel is computed from parameters (see ``graph.computed_kernel_calls``).
         error: why tracing failed, if it did.
         observed: tracing failed and one forward on example inputs found the calls instead.
-        loose: tracing failed: Parameters with a conv kernel's shape that no conv module owns and no observed
-            call used (an ``F.conv*d`` call with one of them would get no S).
+        loose: tracing failed: Parameters with a conv kernel's shape that are no conv module's own kernel and no
+            observed call used (an ``F.conv*d`` call with one of them would get no S); traced: such Parameters a conv
+            module registers beside its weight (the trace does not look inside it).
+        unsupported: (parameter, function) of conv calls sgs_fx does not instrument (``torch.convolution``,
+            ``torch.ops.aten.conv2d``, an ``F.conv*d`` of a second kernel inside a conv module's own forward).
     """
 
     traced: bool
@@ -46,6 +50,7 @@ class CallSites:
     error: str | None = None
     observed: bool = False
     loose: list[str] = field(default_factory=list)
+    unsupported: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _ConvLeafTracer(fx.Tracer):
@@ -68,7 +73,9 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
             seen = observe_conv_calls(model, example_inputs)
             sites.order, sites.functional_calls, sites.observed = seen.order, seen.calls, True
             sites.functional = list(dict.fromkeys(p for p, _ in seen.calls))
-        sites.loose = [n for n in loose_kernels(model) if n not in sites.functional]
+            sites.unsupported = seen.unsupported
+        named = set(sites.functional) | {p for p, _ in sites.unsupported}
+        sites.loose = [n for n in loose_kernels(model) if n not in named]
         return sites
     modules = dict(model.named_modules())
     sites = CallSites(traced=True)
@@ -82,7 +89,12 @@ def find_conv_call_sites(model: nn.Module, example_inputs: tuple | None = None) 
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 sites.functional.append(weight.target)
                 sites.functional_calls.append((weight.target, conv_args(node)))
+        elif node.op == "call_function" and other_conv(node.target):
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                sites.unsupported.append((weight.target, function_name(node.target)))
     sites.computed = computed_kernel_calls(graph, model)
+    sites.loose = extra_kernels(model)
     return sites
 
 
@@ -102,14 +114,19 @@ def _attributes_kept(model: nn.Module):
                 if container.keys() != items.keys() or any(container[k] is not v for k, v in items.items()):
                     container.clear()
                     container.update(items)
+            elif isinstance(container, set):
+                if {id(v) for v in container} != {id(v) for v in items}:
+                    container.clear()
+                    container.update(items)
             elif len(container) != len(items) or any(a is not b for a, b in zip(container, items)):
-                container[:] = items
+                container.clear()  # (a list or a deque)
+                container.extend(items)
 
 
 def _containers(values, seen: set[int], depth: int):
-    """The lists and dicts among ``values``, and those they hold (a few levels deep)."""
+    """The lists, dicts, deques and sets among ``values``, and those they hold (a few levels deep)."""
     for v in values:
-        if isinstance(v, (list, dict)) and id(v) not in seen and depth < 4:
+        if isinstance(v, (list, dict, collections.deque, set)) and id(v) not in seen and depth < 4:
             seen.add(id(v))
             yield v
             yield from _containers(v.values() if isinstance(v, dict) else v, seen, depth + 1)
