@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .backward import scale_grad
 from .hooks import (NOT_PICKLED, attach_hook, attached_for, deepcopy_without_hook, keep_scale, refuse_foreign_trace,
                     replica_weight, replicate, tracing, warn_plain_tensor)
-from .ownership import (SCALE_BUFFER, derived_from_owned, hook_target, is_sgs_conv, owner_of, scales_at_step,
+from .ownership import (SCALE_BUFFER, hook_target, is_sgs_conv, owner_of, scales_at_step, scaled_at_source,
                         target_of)
 
 __all__ = ["SGSConvMixin", "SGSOwnForwardMixin", "SGSParametrizedMixin", "SGSConv1d", "SGSConv2d", "SGSConv3d",
@@ -72,9 +72,10 @@ class SGSConvMixin:
 
     def _scales_plain_tensor(self, w: Tensor) -> bool:
         """Whether a plain tensor put in as the weight for one call is scaled per use."""
-        if derived_from_owned(w):
-            # computed from an SGS weight (a cast, added noise, a fast weight): that weight's own scaling applies S
-            # to the gradient it receives, once; scaling this use too would make it S² ⊙ G
+        hooked = self.__dict__.get("_sgs_hook")
+        if scaled_at_source(w, hooked.param if hooked is not None else None):
+            # computed from this conv's weight (a cast, added noise, a fast weight) or a twin's: that weight's own
+            # scaling applies S to the gradient it receives, once; scaling this use too would make it S² ⊙ G
             return False
         if scales_at_step(self):  # no step of a Parameter would see this gradient
             warn_plain_tensor(self)

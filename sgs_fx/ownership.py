@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 __all__ = ["SCALE_BUFFER", "sgs_role", "is_sgs_conv", "hook_target", "is_pruned", "target_of", "stepped_tensor",
            "scales_at_step", "is_dtensor", "claim", "claim_sharded", "release", "other_owner", "owner_of",
-           "any_owned", "owned_in", "generation", "derived_from_owned"]
+           "any_owned", "owned_in", "generation", "scaled_at_source"]
 
 SCALE_BUFFER = "sgs_scale"  # S: a non-persistent buffer of every SGS module, of the kernel's spatial shape
 
@@ -152,18 +152,20 @@ def owner_of(p: Tensor) -> nn.Module | None:
     return None
 
 
-# how many autograd nodes derived_from_owned visits before it gives up (a derived weight's graph is shallow: a
+# how many autograd nodes scaled_at_source visits before it gives up (a derived weight's graph is shallow: a
 # cast, added noise, a first-order fast weight; a second-order one may hold a whole backward pass)
 _WALK_LIMIT = 4096
 
 
-def derived_from_owned(t: Tensor) -> bool:
-    """Whether autograd carries ``t``'s gradient on to an SGS weight: ``t`` is computed from one (a cast, added
-    noise, a fast weight of meta-learning) and put in as a conv's weight for one call (``functional_call``).
+def scaled_at_source(t: Tensor, own: Tensor | None) -> bool:
+    """Whether the gradient of ``t`` — a tensor put in as a conv's weight for one call (``functional_call``) — is
+    scaled where autograd carries it: ``t`` is computed from that conv's own weight ``own`` (a cast, added noise, a
+    fast weight of meta-learning, a concatenation), or from another SGS weight of ``t``'s own shape (a twin's or an
+    EMA's weight, cast). That weight's SGS scaling applies S to what it receives; scaling this use as well would
+    give S² ⊙ G. A kernel computed from SGS weights of other shapes (a hypernetwork on an SGS backbone) is not.
 
-    Then that weight's own SGS scaling applies S to the gradient it receives; scaling this use as well would give
-    S² ⊙ G. A breadth-first walk of ``t``'s autograd graph to its leaves (``AccumulateGrad`` nodes), stopping at
-    the first SGS weight found or after ``_WALK_LIMIT`` nodes.
+    A breadth-first walk of ``t``'s autograd graph to its leaves (``AccumulateGrad`` nodes), stopping at the first
+    such weight or after ``_WALK_LIMIT`` nodes.
     """
     fn = t.grad_fn
     if fn is None or not (_OWNERS or _SHARDED):
@@ -174,7 +176,7 @@ def derived_from_owned(t: Tensor) -> bool:
             return False
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it accumulates into
         if variable is not None:
-            if owner_of(variable) is not None:
+            if variable is own or (variable.shape == t.shape and owner_of(variable) is not None):
                 return True
             continue
         for nxt, _ in node.next_functions:

@@ -35,20 +35,17 @@ class GradState:
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
     * ``version``: the stepped tensor's version at the first gradient since S was last applied (None before), for
-      the lost-S warning only: a later gradient finding the weight changed means an update used an unscaled one.
-    * ``kept``: ``(id, version)`` of the ``.grad`` tensor the last step left holding S ⊙ G. A gradient arriving
-      while that tensor is still in ``.grad`` unchanged (no ``zero_grad`` between two steps) is added to what is
-      scaled already: the weight becomes prescaled, so that the next step does not scale the kept part again.
+      the lost-S warning only (``check_unchanged``).
     """
 
-    __slots__ = ("pending", "prescaled", "replayed", "version", "kept")
+    __slots__ = ("pending", "prescaled", "replayed", "version")
 
     def __init__(self):
         self.pending = self.prescaled = self.replayed = False
-        self.version = self.kept = None
+        self.version = None
 
-    def __getstate__(self):  # (``kept`` names a tensor of this process, which a copy's gradients are not)
-        return {k: getattr(self, k) for k in self.__slots__ if k != "kept"}
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
 
     def __setstate__(self, state):
         for k in self.__slots__:
@@ -100,12 +97,7 @@ class StepHook:
             state.pending = True
             if conv is not None:
                 w = stepped_weight(conv)
-                if w is not None:
-                    state.version = w._version
-                    kept = w.grad
-                    if kept is not None and state.kept == (id(kept), kept._version):
-                        # the last step's S ⊙ G is still in .grad (no zero_grad since): this one is added to it
-                        return _become_prescaled(conv, state, grad)
+                state.version = w._version if w is not None else None
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
         return None
@@ -122,25 +114,37 @@ def stepped_weight(conv: nn.Module) -> Tensor | None:
 
 
 def check_unchanged(conv: nn.Module, state: GradState) -> None:
-    """A gradient arrives while earlier ones are pending: a weight changed since the first of them means an update
-    used an unscaled gradient (a hand-written update, the first half of SAM: warned at the second backward).
-    Gradient accumulation, steps GradScaler skipped, LBFGS's updates between closure calls (each call's gradients
-    are scaled when it returns) and a weight clamp after each step never change it in between."""
+    """A gradient arrives while earlier ones are pending (no step applied S since the first of them). If the weight
+    changed since then *and* the pending gradient is gone from ``.grad`` (set to None, or zeroed), something used
+    it and threw it away without a torch.optim step: an update with the unscaled gradient (a hand-written update,
+    an optimizer outside torch.optim, the first half of SAM), warned at the second backward. Gradient accumulation
+    keeps ``.grad``, so a weight changed between micro-batches (a clamp, a max-norm constraint in the forward) is no
+    sign; a weight clamp after each step changes it before the first gradient; LBFGS's closure calls are scaled as
+    each returns. (A step GradScaler skipped, followed by a weight change before the next backward, looks the
+    same as an update and is warned about too.)"""
     w = stepped_weight(conv)
-    version = w._version if w is not None else 0
-    if state.version is not None and version != state.version:
+    if w is None:
+        return
+    if state.version is not None and w._version != state.version and _discarded(w.grad):
         warn_unscaled(conv)
-    state.version = version
+    state.version = w._version
+
+
+def _discarded(g: Tensor | None) -> bool:
+    """Whether a weight's ``.grad`` holds none of the gradients that arrived since the step (zero_grad ran)."""
+    if g is None:
+        return True
+    with torch.no_grad():
+        return not bool(g.any())  # (a reduction, only where the weight changed with gradients pending)
 
 
 def _become_prescaled(conv: nn.Module, state: GradState, grad: Tensor) -> Tensor:
-    """The hook starts scaling what arrives (a distributed job began, or ``.grad`` still holds the last step's
-    S ⊙ G): what ``.grad`` holds unscaled gets S now, so that all of it is S ⊙ G and the step leaves it alone.
-    Returns S ⊙ ``grad``."""
+    """The hook starts scaling what arrives (a distributed job began): what ``.grad`` already holds unscaled gets S
+    now, so that all of it is S ⊙ G and the step leaves it alone. Returns S ⊙ ``grad``."""
     if state.pending:
         hooked = conv.__dict__.get("_sgs_hook")
         g = hooked.param.grad if hooked is not None else None
-        if g is not None and state.kept != (id(g), g._version):
+        if g is not None:
             with torch.no_grad():
                 g.mul_(conv._buffers[SCALE_BUFFER])
     state.pending, state.version, state.prescaled = False, None, True

@@ -107,12 +107,10 @@ def _apply_at_step(weights, owner) -> None:
     """
     grads: list[Tensor] = []
     scales: list[Tensor] = []
-    scaled: list = []  # (GradState, its .grad): what now holds S ⊙ G
     capturing = _capturing()
     for p, conv, state in weights:
         if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
             state.prescaled = False
-            scaled.append((state, p.grad))
         elif state.pending or state.replayed:
             state.pending, state.version = False, None
             if capturing:  # the captured multiply runs at every replay
@@ -121,11 +119,8 @@ def _apply_at_step(weights, owner) -> None:
             if g is not None:
                 grads.append(g)
                 scales.append(conv._buffers[SCALE_BUFFER])
-                scaled.append((state, g))
     if grads:
         _multiply(grads, scales, owner)
-    for state, g in scaled:  # (read after the multiply, which changed their versions)
-        state.kept = (id(g), g._version) if g is not None else None
 
 
 def _collect(p: Tensor, conv: nn.Module, grads: list, scales: list) -> None:

@@ -547,7 +547,33 @@ def test_a_hand_written_update_warns_once_and_names_the_way_out(compiled):
         iteration()  # once
 
 
-def test_the_first_half_of_sam_warns_at_its_second_backward():
+@pytest.mark.parametrize("case", ["clamp_between_micro_batches", "max_norm_in_forward", "clamp_after_each_step"])
+def test_weights_changed_beside_the_optimizer_in_accumulation_raise_no_warning(case):
+    sgs, _, _ = stepped()
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.1)
+
+    def clamp():
+        with torch.no_grad():
+            for p in sgs.parameters():
+                p.clamp_(-10, 10)
+
+    if case == "max_norm_in_forward":  # EEGNet's constraint, written in the forward
+        sgs.register_forward_pre_hook(lambda m, args: clamp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(6):
+            sgs(X).pow(2).sum().backward()
+            if case == "clamp_between_micro_batches":
+                clamp()
+            if i % 3 == 2:  # three micro-batches a step
+                opt.step()
+                opt.zero_grad()
+                if case == "clamp_after_each_step":
+                    clamp()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_first_half_of_sam_warns_at_its_second_backward(set_to_none):
     # SAM's ascent step uses .grad before any torch.optim step applied S; its second backward tells
     sgs, opt, _ = stepped()
     with warnings.catch_warnings():
@@ -556,25 +582,28 @@ def test_the_first_half_of_sam_warns_at_its_second_backward():
         with torch.no_grad():
             for p in sgs.parameters():
                 p.add_(0.05 * p.grad)  # the perturbation, with the unscaled G
-        sgs.zero_grad()
+        sgs.zero_grad(set_to_none=set_to_none)
     with pytest.warns(UserWarning, match="such as SAM"):
         sgs(X).pow(2).sum().backward()
     opt.step()
 
 
-def test_steps_with_no_zero_grad_between_them_scale_each_gradient_once():
-    # .grad kept across steps holds S ⊙ G already: what is added to it is scaled as it arrives, not again at the step
+def test_steps_with_no_zero_grad_between_them_scale_the_whole_grad_as_the_official_code_does():
+    # docs/scaling.md: the step multiplies all of .grad, what the last step left in it too (S² ⊙ G₁ + S ⊙ G₂), as
+    # the official in-place multiply after each backward does; nothing is inferred from the gradient tensor
     sgs, opt, scales = stepped()
     G = plain_grads(net(), X)
+    official = {n: torch.zeros_like(g) for n, g in G.items()}
     opt.zero_grad()
-    for k in (1, 2, 3):
+    for _ in range(3):
         sgs(X).pow(2).sum().backward()
         opt.step()  # (lr 0: every backward gives the same G)
-        want = scaled_grads({n: k * g for n, g in G.items()}, scales)
-        for n, g in now(sgs).items():
-            assert (g - want[n]).abs().max().item() <= 1e-12, (k, n)  # (S ⊙ G summed k times vs S ⊙ kG: rounding)
-    opt.zero_grad(set_to_none=False)  # zeroed in place: the next gradient is new, and the step scales it
-    assert_equal_grads(step_grads(sgs, opt, X), scaled_grads(G, scales))
+        official = scaled_grads({n: official[n] + G[n] for n in G}, scales)
+        assert_equal_grads(now(sgs), official)
+    torch.autograd.grad(sgs(X).pow(2).sum(), list(sgs.parameters()))  # a probe between steps changes nothing
+    sgs(X).pow(2).sum().backward()
+    opt.step()
+    assert_equal_grads(now(sgs), scaled_grads({n: official[n] + G[n] for n in G}, scales))
 
 
 def test_strip_between_backward_and_step_applies_the_pending_S():

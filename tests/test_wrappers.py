@@ -205,6 +205,81 @@ def test_functional_call_with_another_model_s_parameters_scales_them_per_use(mak
     assert_exactly_scaled(got, grads(make(), X), scales)
 
 
+class _Hyper(nn.Module):
+    """A hypernetwork on a conv backbone: the target conv's kernel is computed, for each call, from backbone features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.backbone = nn.Conv2d(3, 8, 3, padding=1).double()
+        self.head = nn.Linear(8, 4 * 3 * 9).double()
+        self.target = nn.Conv2d(3, 4, 3, padding=1).double()
+
+    def kernel(self, x):
+        return self.head(self.backbone(x).mean((0, 2, 3))).view(4, 3, 3, 3)
+
+    def forward(self, x):
+        return torch.func.functional_call(self.target, {"weight": self.kernel(x), "bias": self.target.bias}, (x,))
+
+
+def test_a_twin_s_weights_cast_and_put_in_are_scaled_once_by_the_twin(monkeypatch):
+    # an EMA / twin copy's parameters, cast, evaluated through the training model: the twin's own scaling applies S
+    monkeypatch.setattr(sgs_fx.hooks, "_warned_plain", False)
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    twin, plain = copy.deepcopy(sgs), net()
+
+    def cast(model, source):
+        return lambda x: torch.func.functional_call(
+            model, {n: p.float().double() for n, p in source.named_parameters()}, (x,))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = grads(twin, X, call=cast(sgs, twin))
+    assert_exactly_scaled(got, grads(plain, X, call=cast(plain, plain)), scales)
+
+
+def test_a_kernel_widened_from_the_conv_s_own_weight_scales_that_weight_once():
+    # torch.cat([conv.weight, extra]): S reaches conv.weight through its own scaling; `extra` gets its G as it is
+    sgs = sgs_fx.transform(net())
+    scales = scaled(sgs)
+    plain = net()
+    extra = {m: torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4),
+                            requires_grad=True) for m in ("sgs", "plain")}
+
+    def widened(model, key):
+        conv = model[0]
+        w, b = torch.cat([conv.weight, extra[key]]), torch.cat([conv.bias, conv.bias[:2]])
+        return lambda x: torch.func.functional_call(conv, {"weight": w, "bias": b}, (x,))
+
+    for key, model in (("sgs", sgs), ("plain", plain)):
+        model.zero_grad()
+        widened(model, key)(X).pow(2).sum().backward()
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+    assert torch.equal(sgs[0].weight.grad, scales["0"] * plain[0].weight.grad)
+    assert torch.equal(extra["sgs"].grad, extra["plain"].grad)
+
+
+@pytest.mark.hook_only
+def test_a_kernel_computed_from_other_sgs_weights_is_scaled_per_use():
+    # the kernel depends on the SGS backbone's weight, but is not that weight in another form: its own use is scaled
+    sgs = sgs_fx.transform(_Hyper())
+    scales = scaled(sgs)
+    plain = _Hyper()
+
+    def forward(x):  # the plain model with S applied by hand: to the kernel's use, and to the backbone's weight
+        k = plain.kernel(x)
+        k.register_hook(lambda g: scales["target"] * g)
+        return torch.func.functional_call(plain.target, {"weight": k, "bias": plain.target.bias}, (x,))
+
+    plain.backbone.weight.register_hook(lambda g: scales["backbone"] * g)
+    trained = ("backbone.weight", "backbone.bias", "head.weight", "head.bias", "target.bias")  # (target.weight: unused)
+    got = grads(sgs, X, params={n: dict(sgs.named_parameters())[n] for n in trained})
+    want = grads(plain, X, call=forward, params={n: dict(plain.named_parameters())[n] for n in trained})
+    for n in trained:
+        assert (got[n] - want[n]).abs().max().item() <= 1e-12, n  # (the same products, summed in another order)
+
+
 def test_a_conversion_under_inference_mode_leaves_S_writable():
     # a validator's model.float() or .to(device) inside torch.inference_mode() (ultralytics does it to its EMA)
     sgs = sgs_fx.transform(net().float())
