@@ -73,7 +73,8 @@ class SGSConvMixin:
     def _scales_plain_tensor(self, w: Tensor) -> bool:
         """Whether a plain tensor put in as the weight for one call is scaled per use."""
         hooked = self.__dict__.get("_sgs_hook")
-        if scaled_at_source(w, hooked.param if hooked is not None else None):
+        own = hooked.param if hooked is not None and not self.__dict__.get("_sgs_per_use", False) else None
+        if scaled_at_source(w, own):
             # computed from this conv's weight (a cast, added noise, a fast weight) or a twin's: that weight's own
             # scaling applies S to the gradient it receives, once; scaling this use too would make it S² ⊙ G
             return False

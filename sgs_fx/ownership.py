@@ -161,14 +161,16 @@ def scaled_at_source(t: Tensor, own: Tensor | None) -> bool:
     """Whether the gradient of ``t`` — a tensor put in as a conv's weight for one call (``functional_call``) — is
     scaled where autograd carries it: ``t`` is computed from that conv's own weight ``own`` (a cast, added noise, a
     fast weight of meta-learning, a concatenation), or from another SGS weight of ``t``'s own shape (a twin's or an
-    EMA's weight, cast). That weight's SGS scaling applies S to what it receives; scaling this use as well would
-    give S² ⊙ G. A kernel computed from SGS weights of other shapes (a hypernetwork on an SGS backbone) is not.
+    EMA's weight, cast), where that weight is scaled as a whole (not per use, as tied weights are). That weight's SGS
+    scaling applies S to what it receives; scaling this use as well would give S² ⊙ G. (``own`` is None for a conv
+    that scales per use.) A kernel computed from SGS weights of other shapes (a hypernetwork on an SGS backbone) is
+    not.
 
     A breadth-first walk of ``t``'s autograd graph to its leaves (``AccumulateGrad`` nodes), stopping at the first
     such weight or after ``_WALK_LIMIT`` nodes.
     """
     fn = t.grad_fn
-    if fn is None or not (_OWNERS or _SHARDED):
+    if fn is None or (own is None and not (_OWNERS or _SHARDED)):
         return False
     queue, seen = [fn], {fn}
     for node in queue:
@@ -177,7 +179,7 @@ def scaled_at_source(t: Tensor, own: Tensor | None) -> bool:
         variable = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it accumulates into
         if variable is not None:
             if variable is own or (variable.shape == t.shape and owner_of(variable) is not None):
-                return True
+                return True  # (a weight that convs scale per use, tied, is in no table: never found here)
             continue
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:

@@ -360,6 +360,28 @@ def test_tied_weight_is_scaled_per_use(caplog):
     assert (got - w.grad).abs().max().item() > 1e-3  # and the scaling is real
 
 
+def test_a_tied_weight_put_in_noised_is_scaled_per_use():
+    # tied convs scale per use, nothing scales at the weight: a tensor computed from it is scaled at each use too
+    torch.manual_seed(0)
+    sgs = sgs_fx.transform(TiedConvs().double())
+    sa, sb = torch.rand(3, 3, dtype=torch.float64) + 0.5, torch.rand(3, 3, dtype=torch.float64) + 0.5
+    sgs_fx.set_scales(sgs, {"a": sa, "b": sb})
+    sa, sb = sgs_fx.get_scales(sgs)["a"], sgs_fx.get_scales(sgs)["b"]
+    torch.manual_seed(0)
+    plain = TiedConvs().double()
+    noise = 1e-2 * torch.randn(3, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def forward(model, scale_a, scale_b):
+        w = model.a.weight + noise
+        h = torch.func.functional_call(model.a, {"weight": scale_a(w), "bias": model.a.bias}, (X,))
+        return torch.func.functional_call(model.b, {"weight": scale_b(w), "bias": model.b.bias}, (torch.relu(h),))
+
+    forward(sgs, lambda w: w, lambda w: w).pow(2).sum().backward()
+    forward(plain, lambda w: sgs_fx.scale_grad(w, sa), lambda w: sgs_fx.scale_grad(w, sb)).pow(2).sum().backward()
+    torch.optim.SGD(sgs.parameters(), lr=0.0).step()
+    assert torch.equal(sgs.a.weight.grad, plain.a.weight.grad)
+
+
 def _fsdp2_worker(rank, world, init, out):
     with gloo_group(rank, world, init):
         from torch.distributed.fsdp import fully_shard
