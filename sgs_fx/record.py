@@ -34,8 +34,8 @@ class GradState:
       ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between, and the step leaves it alone.
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
-    * ``version``: the stepped tensor's version at the first gradient since S was last applied (None before), for
-      the lost-S warning only (``check_unchanged``).
+    * ``version``: the stepped tensor's version when its last step ended, or else at the second gradient since S
+      was last applied (None before either), for the lost-S warning only (``check_unchanged``).
     """
 
     __slots__ = ("pending", "prescaled", "replayed", "version")
@@ -89,15 +89,12 @@ class StepHook:
             if not state.prescaled:
                 return _become_prescaled(conv, state, grad)
             return mul_cast(conv._buffers[SCALE_BUFFER], grad)
-        conv = self.conv()
         if state.pending:  # a later gradient before any step: accumulation, unless the weight was updated since
+            conv = self.conv()
             if conv is not None:
                 check_unchanged(conv, state)
         else:
             state.pending = True
-            if conv is not None:
-                w = stepped_weight(conv)
-                state.version = w._version if w is not None else None
         if _CUDA[0] and torch.cuda.is_current_stream_capturing():
             state.replayed = True
         return None
@@ -115,13 +112,13 @@ def stepped_weight(conv: nn.Module) -> Tensor | None:
 
 def check_unchanged(conv: nn.Module, state: GradState) -> None:
     """A gradient arrives while earlier ones are pending (no step applied S since the first of them). If the weight
-    changed since then *and* the pending gradient is gone from ``.grad`` (set to None, or zeroed), something used
-    it and threw it away without a torch.optim step: an update with the unscaled gradient (a hand-written update,
-    an optimizer outside torch.optim, the first half of SAM), warned at the second backward. Gradient accumulation
-    keeps ``.grad``, so a weight changed between micro-batches (a clamp, a max-norm constraint in the forward) is no
-    sign; a weight clamp after each step changes it before the first gradient; LBFGS's closure calls are scaled as
-    each returns. (A step GradScaler skipped, followed by a weight change before the next backward, looks the
-    same as an update and is warned about too.)"""
+    changed since its reference (the end of its last step, or else the second pending gradient) *and* the pending
+    gradient is gone from ``.grad`` (set to None, or zeroed), something used it and threw it away without a
+    torch.optim step: an update with the unscaled gradient (the first half of SAM, warned at its second backward; a
+    hand-written update or an optimizer outside torch.optim, which never step, at the third). Gradient accumulation
+    keeps ``.grad``, so a weight changed between micro-batches (a clamp, a max-norm constraint in the forward) or
+    after a step (a clamp) is no sign; LBFGS's closure calls are scaled as each returns. (A step GradScaler skipped,
+    followed by a weight change before the next backward, looks the same as an update and is warned about too.)"""
     w = stepped_weight(conv)
     if w is None:
         return

@@ -25,10 +25,10 @@ which of its weights other ranks' gradients reached.
 * A CUDA graph's replay rewrites ``.grad`` without running any hook. A gradient that arrives while a graph is being
   captured is marked ``replayed``; if the captured region includes the step, that captured step applies S on every
   replay and clears the mark; otherwise every eager step scales that weight's ``.grad``.
-* S is never lost unseen: a gradient arriving while the previous one is still pending, with the weight changed in
-  between, means the weight was updated with the unscaled gradient: one warning names the way out
-  (``record.warn_unscaled``). So does an optimizer built on the model before ``transform`` copied it
-  (``optimizers.check_stale``).
+* S is never lost unseen: a gradient arriving while the previous one is still pending, thrown away, with the weight
+  changed since its last step ended (a step post-hook records its version), means the weight was updated with the
+  unscaled gradient: one warning names the way out (``record.check_unchanged``). So does an optimizer built on the
+  model before ``transform`` copied it (``optimizers.check_stale``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import optimizers
 from .ownership import SCALE_BUFFER, any_owned, generation, is_sgs_conv, owned_in, scales_at_step, stepped_tensor
@@ -240,10 +240,23 @@ def _after_closure(opt, plan: _Plan) -> None:
         _apply_at_step(plan.weights, opt)
 
 
+def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """The weights' versions as this step left them: the lost-S warning's reference (``record.check_unchanged``), so
+    that an update between the next backward and the one after (SAM's first half) is seen."""
+    plan = _PLANS.get(id(opt))
+    if plan is None or not plan.weights or plan.ref() is not opt:
+        return
+    for p, _, state in plan.weights:
+        state.version = p._version
+
+
 _before_step_eager = torch.compiler.disable(_before_step)
 _after_closure_eager = torch.compiler.disable(_after_closure)
+_after_step_eager = torch.compiler.disable(_after_step)
 
 register_optimizer_step_pre_hook(_before_step)
+register_optimizer_step_post_hook(lambda opt, args, kwargs: _after_step_eager(opt, args, kwargs)
+                                  if torch.compiler.is_compiling() else _after_step(opt, args, kwargs))
 
 
 def scale_gradients(model: nn.Module) -> int:

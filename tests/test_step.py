@@ -539,7 +539,8 @@ def test_a_hand_written_update_warns_once_and_names_the_way_out(compiled):
                 p -= 0.1 * p.grad
         sgs.zero_grad()  # the usual loop: gradients gone before the next backward
 
-    iteration()  # (the weights' versions are taken at the first gradient since S was last applied)
+    iteration()
+    iteration()  # (with no torch.optim step, the weights' versions are taken at the second pending gradient)
     with pytest.warns(UserWarning, match=r"scale_gradients.*scaling='hook'"):
         iteration()
     with warnings.catch_warnings():
@@ -575,9 +576,13 @@ def test_weights_changed_beside_the_optimizer_in_accumulation_raise_no_warning(c
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_the_first_half_of_sam_warns_at_its_second_backward(set_to_none):
     # SAM's ascent step uses .grad before any torch.optim step applied S; its second backward tells
-    sgs, opt, _ = stepped()
+    sgs, _, _ = stepped()
+    opt = torch.optim.SGD(sgs.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        sgs(X).pow(2).sum().backward()
+        opt.step()  # the last step's end: the weights' reference
+        sgs.zero_grad()
         sgs(X).pow(2).sum().backward()
         with torch.no_grad():
             for p in sgs.parameters():
@@ -629,9 +634,10 @@ def test_an_optimizer_outside_torch_optim_warns():
 
     sgs, _, _ = stepped()
     opt = MySGD(sgs.parameters())
-    sgs(X).pow(2).sum().backward()
-    opt.step()
-    sgs.zero_grad(set_to_none=True)
+    for _ in range(2):
+        sgs(X).pow(2).sum().backward()
+        opt.step()
+        sgs.zero_grad(set_to_none=True)
     with pytest.warns(UserWarning, match="before a torch.optim optimizer step applied S"):
         sgs(X).pow(2).sum().backward()
 
