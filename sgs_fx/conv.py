@@ -10,6 +10,7 @@ conv scales per use.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.fx import Proxy
 from torch.nn.utils import parametrize
@@ -40,6 +41,7 @@ class SGSConvMixin:
         # The fast path: identity tests only (the hook is on this weight and was made for this S).
         state = self.__dict__.get("_sgs_hook")
         if state is not None and state.hooked and state.param is w and state.scale is self._buffers[SCALE_BUFFER]:
+            _note_version(state.record, w)
             return w
         return self._sgs_weight_slow(w)
 
@@ -91,6 +93,10 @@ class SGSConvMixin:
         state = self.__dict__.get("_sgs_hook")
         if state is None or not state.hooked or state.param is not w or state.scale is not self._buffers[SCALE_BUFFER]:
             w = self._sgs_weight_slow(w)
+        else:
+            record = state.record
+            if record is not None and not record.pending and not torch.compiler.is_compiling():
+                record.version = w._version  # (_note_version, inlined)
         return self._conv_forward(input, w, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -130,6 +136,14 @@ class SGSConvMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         attach_hook(self)
+
+
+def _note_version(record, w: Tensor) -> None:
+    """``scaling="step"``: the weight's version as a forward uses it, while no gradient is pending — the lost-S
+    warning's reference (``record.check_unchanged``): an update between this forward's backward and the next
+    backward (SAM's first half) changes it; a clamp after the step, before this forward, does not."""
+    if record is not None and not record.pending and not torch.compiler.is_compiling():
+        record.version = w._version
 
 
 def _refuse_unfindable_weight(conv: nn.Module) -> None:

@@ -41,10 +41,11 @@ class HookState:
     ``torch.__future__.set_swap_module_params_on_conversion``) refuses tensors that have weakrefs.
     """
 
-    __slots__ = ("param", "scale", "handle", "hooked", "impl", "at_step")
+    __slots__ = ("param", "scale", "handle", "hooked", "impl", "at_step", "record")
 
-    def __init__(self, param, scale, handle, at_step=False):
+    def __init__(self, param, scale, handle, at_step=False, record=None):
         self.param, self.scale, self.handle = param, scale, handle
+        self.record = record  # scaling="step": the conv's GradState, which the forward gives the weight's version
         # the weight's gradient is scaled without per-use work: by the hook, or (scaling="step") by the step
         self.hooked = handle is not None or at_step
         self.at_step = at_step
@@ -135,7 +136,7 @@ def attach_hook(conv: nn.Module) -> None:
                 w.requires_grad_(False)
         if w.grad_fn is None:
             claim(w, conv)
-    conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step)
+    conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step, grad_state(conv) if at_step else None)
     if at_step:
         state = grad_state(conv)
         if state.pending and previous is not None and previous.param is not w and not is_dtensor(previous.param):

@@ -34,8 +34,8 @@ class GradState:
       ``.grad`` stays S ⊙ (everything accumulated), whatever zeroed it in between, and the step leaves it alone.
     * ``replayed``: a gradient arrived while a CUDA graph was being captured and no captured step applied S: the
       graph's replays rewrite ``.grad`` with no hook running, so every eager step scales it.
-    * ``version``: the stepped tensor's version when its last step ended, or else at the second gradient since S
-      was last applied (None before either), for the lost-S warning only (``check_unchanged``).
+    * ``version``: the lost-S warning's reference (``check_unchanged``): the weight's version at the last eager
+      forward while nothing was pending, or when its last step ended, or else at the second pending gradient.
     """
 
     __slots__ = ("pending", "prescaled", "replayed", "version")
@@ -112,12 +112,12 @@ def stepped_weight(conv: nn.Module) -> Tensor | None:
 
 def check_unchanged(conv: nn.Module, state: GradState) -> None:
     """A gradient arrives while earlier ones are pending (no step applied S since the first of them). If the weight
-    changed since its reference (the end of its last step, or else the second pending gradient) *and* the pending
-    gradient is gone from ``.grad`` (set to None, or zeroed), something used it and threw it away without a
-    torch.optim step: an update with the unscaled gradient (the first half of SAM, warned at its second backward; a
-    hand-written update or an optimizer outside torch.optim, which never step, at the third). Gradient accumulation
-    keeps ``.grad``, so a weight changed between micro-batches (a clamp, a max-norm constraint in the forward) or
-    after a step (a clamp) is no sign; LBFGS's closure calls are scaled as each returns. (A step GradScaler skipped,
+    changed since its reference (``GradState.version``: the forward that led to the first pending gradient) *and*
+    the pending gradient is gone from ``.grad`` (set to None, or zeroed), something used it and threw it away
+    without a torch.optim step: an update with the unscaled gradient (a hand-written update, an optimizer outside
+    torch.optim, the first half of SAM: warned at the second backward). Gradient accumulation keeps ``.grad``, so a
+    weight changed between micro-batches (a clamp, a max-norm constraint in the forward) is no sign, nor a change
+    before the forward (a clamp after a step); LBFGS's closure calls are scaled as each returns. (A step GradScaler skipped,
     followed by a weight change before the next backward, looks the same as an update and is warned about too.)"""
     w = stepped_weight(conv)
     if w is None:

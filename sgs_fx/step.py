@@ -26,8 +26,9 @@ which of its weights other ranks' gradients reached.
   captured is marked ``replayed``; if the captured region includes the step, that captured step applies S on every
   replay and clears the mark; otherwise every eager step scales that weight's ``.grad``.
 * S is never lost unseen: a gradient arriving while the previous one is still pending, thrown away, with the weight
-  changed since its last step ended (a step post-hook records its version), means the weight was updated with the
-  unscaled gradient: one warning names the way out (``record.check_unchanged``). So does an optimizer built on the
+  changed since the forward that led to it (or since its last step ended: a step post-hook records the version),
+  means the weight was updated with the unscaled gradient: one warning names the way out
+  (``record.check_unchanged``). So does an optimizer built on the
   model before ``transform`` copied it (``optimizers.check_stale``).
 """
 from __future__ import annotations
@@ -241,8 +242,8 @@ def _after_closure(opt, plan: _Plan) -> None:
 
 
 def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
-    """The weights' versions as this step left them: the lost-S warning's reference (``record.check_unchanged``), so
-    that an update between the next backward and the one after (SAM's first half) is seen."""
+    """The weights' versions as this step left them: the lost-S warning's reference (``record.check_unchanged``)
+    where no eager forward notes one (a compiled model's)."""
     plan = _PLANS.get(id(opt))
     if plan is None or not plan.weights or plan.ref() is not opt:
         return
