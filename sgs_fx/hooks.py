@@ -136,7 +136,9 @@ def attach_hook(conv: nn.Module) -> None:
                 w.requires_grad_(False)
         if w.grad_fn is None:
             claim(w, conv)
-    conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step, grad_state(conv) if at_step else None)
+    # (an inference tensor, made under torch.inference_mode, has no version for the forward to note)
+    record = grad_state(conv) if at_step and not w.is_inference() else None
+    conv.__dict__["_sgs_hook"] = HookState(w, s, handle, at_step, record)
     if at_step:
         state = grad_state(conv)
         if state.pending and previous is not None and previous.param is not w and not is_dtensor(previous.param):

@@ -301,6 +301,18 @@ def test_a_transform_under_inference_mode_leaves_S_writable():
     assert_exactly_scaled(grads(sgs, X, call=compiled), grads(net(), X), scales)
 
 
+def test_a_weight_made_under_inference_mode_runs():
+    # a conv fused for inference under torch.inference_mode (ultralytics' validator): its new weight is an inference
+    # tensor, which has no version counter and takes no hook
+    sgs = sgs_fx.transform(net())
+    with torch.inference_mode():
+        sgs[0].weight = nn.Parameter(sgs[0].weight.detach().clone(), requires_grad=False)
+        sgs(X)
+    with torch.no_grad():  # (outside inference mode, as torch allows it)
+        for _ in range(2):
+            assert torch.equal(sgs(X), net()(X))
+
+
 @pytest.mark.hook_only
 def test_per_sample_gradients_with_vmap_are_S_times_G():
     from torch.func import functional_call, grad, vmap
