@@ -244,11 +244,14 @@ def _after_closure(opt, plan: _Plan) -> None:
 def _after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:
     """The weights' versions as this step left them: the lost-S warning's reference (``record.check_unchanged``)
     where no eager forward notes one (a compiled model's)."""
+    if torch.compiler.is_compiling():  # a compiled step: this runs eagerly (a graph break)
+        return _after_step_eager(opt, args, kwargs)
     plan = _PLANS.get(id(opt))
     if plan is None or not plan.weights or plan.ref() is not opt:
-        return
+        return None
     for p, _, state in plan.weights:
         state.version = p._version
+    return None
 
 
 _before_step_eager = torch.compiler.disable(_before_step)
@@ -256,8 +259,7 @@ _after_closure_eager = torch.compiler.disable(_after_closure)
 _after_step_eager = torch.compiler.disable(_after_step)
 
 register_optimizer_step_pre_hook(_before_step)
-register_optimizer_step_post_hook(lambda opt, args, kwargs: _after_step_eager(opt, args, kwargs)
-                                  if torch.compiler.is_compiling() else _after_step(opt, args, kwargs))
+register_optimizer_step_post_hook(_after_step)
 
 
 def scale_gradients(model: nn.Module) -> int:

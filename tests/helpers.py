@@ -147,6 +147,19 @@ class gloo_group:
         return False
 
 
+def spawn_and_load(worker, world: int, *extra):
+    """Run ``worker(rank, world, init_file, out_file, *extra)`` in ``world`` processes (``mp.spawn``) and return what
+    they saved with ``torch.save(..., out_file)``."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), out, *extra), nprocs=world, join=True)
+        return torch.load(out)
+
+
 def sgd_step_on_copies(optimizer, grads: dict) -> dict:
     """What ``optimizer.step()`` gives its parameters when their gradients are ``grads`` (id(param) -> tensor or
     None): torch.optim.SGD's own step, with the same param groups (hyperparameters, ``foreach``) and state (momentum

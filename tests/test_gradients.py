@@ -1,17 +1,14 @@
 """Spec §7.1: the instrumented weight gradient is exactly S ⊙ G; nothing else changes (float64)."""
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import sgs_fx
-from helpers import TinyNet, gloo_group, random_scales
+from helpers import TinyNet, gloo_group, random_scales, spawn_and_load
 
 
 def _grads(model, x, loss_fn=lambda y: (y ** 2).sum(), call=None):
@@ -163,10 +160,7 @@ def _ddp_worker(rank, world, path, result_path, scaling):
 
 @pytest.mark.parametrize("scaling", ["step", "hook"])
 def test_ddp_two_gloo_processes_match_single_process(scaling):
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "grads.pt")
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), result, scaling), nprocs=2, join=True)
-        ranks = torch.load(result)
+    ranks = spawn_and_load(_ddp_worker, 2, scaling)
     assert torch.equal(ranks[0], ranks[1])
     torch.manual_seed(0)
     model = sgs_fx.transform(TinyNet().double()).eval()  # BN on batch statistics would differ per shard

@@ -2,17 +2,14 @@
 closures, wrappers and nested optimizers, and never lost unseen."""
 import copy
 import logging
-import os
-import tempfile
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import Conv2dSame, TiedConvs, TinyNet, gloo_group, random_scales
+from helpers import Conv2dSame, TiedConvs, TinyNet, gloo_group, random_scales, spawn_and_load
 from test_wrappers import (X, _assign, _load_swapped, _pickle, _set_attribute, _to_float32, _to_swapped,
                            _weight_normed, assert_equal_grads, net, same_net, scaled, scaled_grads)
 
@@ -841,10 +838,7 @@ def _fsdp2_worker(rank, world, init, out, reshard_after_backward):
 
 @pytest.mark.parametrize("reshard_after_backward", [True, False], ids=["resharded", "unsharded_at_step"])
 def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G(reshard_after_backward):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "grads.pt")
-        mp.spawn(_fsdp2_worker, args=(2, os.path.join(tmp, "init"), out, reshard_after_backward), nprocs=2, join=True)
-        got = torch.load(out)
+    got = spawn_and_load(_fsdp2_worker, 2, reshard_after_backward)
     scales = scaled(sgs_fx.transform(net()))
     plain = net()
     for _ in range(2):
@@ -904,10 +898,7 @@ def _spatially_sharded_worker(rank, world, init, out):
 def test_a_gradient_sharded_along_a_kernel_dim_is_scaled_exactly():
     # S is spatial, and FSDP2 may shard kernel rows: in a distributed job the hook scales each full gradient before
     # the reduce-scatter, so no rank needs its own slice of S
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "grads.pt")
-        mp.spawn(_spatially_sharded_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
-        got = torch.load(out)
+    got = spawn_and_load(_spatially_sharded_worker, 2)
     scales = scaled(sgs_fx.transform(_kernel_rows_net()))
     plain = _kernel_rows_net()
     for rank in range(2):
@@ -1025,10 +1016,7 @@ def _ddp_bucket_view_worker(rank, world, init, out):
 
 
 def test_ddp_with_gradient_as_bucket_view_scale_gradients_every_iteration():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "said.pt")
-        mp.spawn(_ddp_bucket_view_worker, args=(1, os.path.join(tmp, "init"), out), nprocs=1, join=True)
-        said = torch.load(out)
+    said = spawn_and_load(_ddp_bucket_view_worker, 1)
     scales = scaled(sgs_fx.transform(net()))
     want = scaled_grads(plain_grads(net(), _fixed_input()), scales)
     assert said[0::2] == [3, 3, 3]
@@ -1137,11 +1125,7 @@ def _unused_on_one_rank_worker(rank, world, init, out, ddp_kwargs):
                          ids=["find_unused_parameters", "static_graph"])
 def test_ddp_with_a_conv_unused_on_one_rank_keeps_the_ranks_equal_and_exact(ddp_kwargs):
     # rank 0 never computes c2's gradient, yet DDP writes rank 1's share into it: S must reach it on both ranks
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.pt")
-        mp.spawn(_unused_on_one_rank_worker, args=(2, os.path.join(tmp, "init"), out, ddp_kwargs), nprocs=2,
-                 join=True)
-        got = torch.load(out)
+    got = spawn_and_load(_unused_on_one_rank_worker, 2, ddp_kwargs)
     scales = scaled(sgs_fx.transform(_SometimesUsed().double()))
     plain = _SometimesUsed().double()
     for step in range(2):  # DDP's average of the two ranks' gradients, then S, then SGD
@@ -1308,10 +1292,7 @@ def _enter_and_leave_a_job_worker(rank, world, init, out):
 
 
 def test_entering_and_leaving_a_distributed_job_mid_accumulation_applies_s_once():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.pt")
-        mp.spawn(_enter_and_leave_a_job_worker, args=(1, os.path.join(tmp, "init"), out), nprocs=1, join=True)
-        got = torch.load(out)
+    got = spawn_and_load(_enter_and_leave_a_job_worker, 1)
     scales = scaled(sgs_fx.transform(net()))
     plain = net()
     plain(_fixed_input()).pow(2).sum().backward()

@@ -9,16 +9,13 @@ import warnings
 import copy
 import io
 import logging
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import sgs_fx
-from helpers import Conv2dSame, TiedConvs, gloo_group
+from helpers import Conv2dSame, TiedConvs, gloo_group, spawn_and_load
 
 
 def net():
@@ -414,10 +411,7 @@ def _fsdp2_worker(rank, world, init, out):
 
 @pytest.mark.hook_only  # scaling="step" under FSDP2: test_step.py
 def test_fsdp2_two_gloo_processes_full_gradient_is_S_times_G():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "grads.pt")
-        mp.spawn(_fsdp2_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
-        got = torch.load(out)
+    got = spawn_and_load(_fsdp2_worker, 2)
     scales = scaled(sgs_fx.transform(net()))
     plain = net()
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

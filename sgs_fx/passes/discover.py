@@ -44,10 +44,8 @@ class Observed:
 
 def other_conv(func) -> bool:
     """A conv function sgs_fx does not instrument (``torch.convolution``, ``torch.ops.aten.conv2d``, ...)."""
-    if func in CONV_FUNCTIONS:
-        return False
-    name = getattr(func, "__name__", "") if not isinstance(func, (OpOverload, OpOverloadPacket)) else str(func)
-    return "conv" in name.split(".")[-1 if not isinstance(func, OpOverload) else -2]
+    # (an op overload's name carries its overload after a dot: "convolution.default")
+    return func not in CONV_FUNCTIONS and "conv" in getattr(func, "__name__", "").split(".")[0]
 
 
 def function_name(func) -> str:
