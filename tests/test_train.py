@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -71,6 +72,26 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, scales, mode):
         assert a["mi"]["scales"].keys() == b["mi"]["scales"].keys()
         assert all(torch.equal(a["mi"]["scales"][k], b["mi"]["scales"][k]) for k in a["mi"]["scales"])
         assert not all(torch.equal(s, torch.ones_like(s)) for s in b["mi"]["scales"].values())
+
+
+def test_out_check_is_safe_for_ranks_checking_one_directory_at_once(tmp_path):
+    # Every torchrun rank validates the same --out together; a shared probe file was unlinked by one rank under
+    # another (FileNotFoundError, reported as "not writable"). Threads reproduce that interleaving at once.
+    errors = []
+
+    def check():
+        try:
+            for _ in range(300):
+                train_mod._check_writable(tmp_path)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and list(tmp_path.iterdir()) == []
 
 
 def test_bad_input(tmp_path, capsys):

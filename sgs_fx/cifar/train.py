@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,14 +97,17 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.weight_bits not in (7, 8):
         raise ValueError(f"--weight-bits {cfg.weight_bits}: use 7 or 8")
     build_model(cfg.model, width=cfg.width)  # raises a clear error for an unknown name
-    out = Path(cfg.out)
+    _check_writable(Path(cfg.out))
+
+
+def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # a probe file of its own: under torchrun every rank checks the same --out at the same time
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test"):
+            pass
     except OSError as exc:
-        raise ValueError(f"--out {cfg.out}: not writable ({exc.strerror}); choose another directory") from exc
+        raise ValueError(f"--out {out}: not writable ({exc.strerror}); choose another directory") from exc
 
 
 # settings a resumed run may change: where it writes and runs, and what it reports
