@@ -4,7 +4,8 @@ One epoch of YOLOv8n on a tiny synthetic dataset (CPU, 64 px): at every optimize
 the weights move exactly as torch.optim.SGD moves them with S ⊙ clip(G) for the conv weights and clip(G) for every
 other parameter (the trainer clips G, then steps); S is the MI schedule's, written into the EMA copy and pickled
 with it into last.pt/best.pt, from which a resumed run restores it; the trained model strips to a plain one that
-Ultralytics' fuse and ONNX exporter take. Slow (Ultralytics is a test extra: ``pip install -e '.[zoo]'``); nothing
+Ultralytics' fuse and ONNX exporter take. The other tasks (segmentation, pose, OBB, classification, RT-DETR) train
+one epoch each under the same step check. Slow (Ultralytics is a test extra: ``pip install -e '.[zoo]'``); nothing
 is downloaded (tests/conftest.py sets Ultralytics offline).
 """
 import logging
@@ -32,28 +33,45 @@ IMGSZ = 64
 MAX_NORM = 10.0  # BaseTrainer.optimizer_step: clip_grad_norm_(model.parameters(), max_norm=10.0)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """8 training and 8 validation images (64 px), one box of one of two classes each, as a YOLO data.yaml."""
+def write_dataset(root, task="detect"):
+    """8 training and 8 validation images (64 px), one object of one of two classes each, labelled for ``task``:
+    a box (detect), its outline as a polygon (segment, obb), a box and its two corner keypoints (pose), or an
+    image folder per class (classify). Returns what ``train(data=...)`` takes."""
     import cv2
-    import numpy as np
 
-    root = tmp_path_factory.mktemp("yolo_data")
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
         for i in range(8):
             img = rng.integers(0, 60, (IMGSZ, IMGSZ, 3), dtype=np.uint8)
             x0, y0 = rng.integers(4, 32, 2)
             w, h = rng.integers(12, 28, 2)
             c = int(rng.integers(0, 2))
+            if task == "classify":
+                c = i % 2  # both classes in both splits (an image folder per class)
             img[y0:y0 + h, x0:x0 + w] = (200, 60 + 120 * c, 30)
+            if task == "classify":
+                (root / split / "ab"[c]).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / split / "ab"[c] / f"{i}.png"), img)
+                continue
+            for folder in ("images", "labels"):
+                (root / folder / split).mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
-            (root / "labels" / split / f"{i}.txt").write_text(
-                f"{c} {(x0 + w / 2) / IMGSZ} {(y0 + h / 2) / IMGSZ} {w / IMGSZ} {h / IMGSZ}\n")
-    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+            box = [(x0 + w / 2) / IMGSZ, (y0 + h / 2) / IMGSZ, w / IMGSZ, h / IMGSZ]
+            outline = [v / IMGSZ for v in (x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h)]
+            label = {"detect": box, "segment": outline, "obb": outline,
+                     "pose": box + [x0 / IMGSZ, y0 / IMGSZ, 2, (x0 + w) / IMGSZ, (y0 + h) / IMGSZ, 2]}[task]
+            (root / "labels" / split / f"{i}.txt").write_text(" ".join(map(str, [c, *label])) + "\n")
+    if task == "classify":
+        return root
+    keypoints = "kpt_shape: [2, 3]\nflip_idx: [1, 0]\n" if task == "pose" else ""
+    (root / "data.yaml").write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\n{keypoints}names:\n  0: a\n  1: b\n")
     return root / "data.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("yolo_data"))
 
 
 def train_args(data, project, **kw):
@@ -160,6 +178,36 @@ def test_yolo_train_applies_s_at_every_step_saves_it_and_strips_for_export(data,
     assert model.model.state_dict().keys() == fresh.state_dict().keys()
     onnx_file = model.export(format="onnx", imgsz=IMGSZ, simplify=False)
     assert onnx_file.endswith(".onnx")
+
+
+@pytest.mark.parametrize("task, cfg", [("segment", "yolov8n-seg.yaml"), ("pose", "yolov8n-pose.yaml"),
+                                       ("obb", "yolov8n-obb.yaml"), ("classify", "yolov8n-cls.yaml"),
+                                       ("detect", "rtdetr-l.yaml")])
+def test_every_task_trains_with_s_at_each_step_and_exports(task, cfg, tmp_path):
+    # The callbacks use only BaseTrainer's events and attributes; each task's trainer has its own dataset, loss,
+    # preprocess_batch and (RT-DETR) model class, with RepConv branches in RT-DETR's RepC3 blocks.
+    from ultralytics import RTDETR
+
+    data = write_dataset(tmp_path / "data", task)
+    model = (RTDETR if cfg.startswith("rtdetr") else YOLO)(cfg)
+    spatial_convs = sum(isinstance(m, torch.nn.Conv2d) and max(m.kernel_size) > 1 for m in model.model.modules())
+    sgs = add_sgs(model, warmup=0)
+    check = StepCheck()
+    model.add_callback("on_pretrain_routine_end", check.on_pretrain_routine_end)
+    model.train(**train_args(data, tmp_path))
+
+    assert model.trainer.args.task == task
+    scales = sgs.scheduler.state_dict()["scales"]
+    assert len(scales) == spatial_convs and non_uniform(scales)
+    check.assert_exact(2)
+    assert any(step["norm"] > MAX_NORM for step in check.steps)
+    for step in check.steps:
+        assert_scales_equal(step["scales"], scales)
+    saved = torch.load(model.trainer.last, map_location="cpu", weights_only=False)
+    assert_scales_equal(sgs_fx.get_scales(saved["ema"] or saved["model"]), scales)
+    sgs_fx.strip(model.model, inplace=True)
+    assert not sgs_fx.instrumented(model.model)
+    assert model.export(format="onnx", imgsz=IMGSZ, simplify=False).endswith(".onnx")
 
 
 class Interrupted(Exception):
