@@ -81,6 +81,28 @@ def test_corrupt_cache_is_fetched_again(tmp_path, arrays, hashes, caplog):
     assert "corrupt" in caplog.text and torch.equal(d.test_images, torch.from_numpy(arrays["test_images"]))
 
 
+def test_a_cache_write_cut_short_leaves_no_file_a_reader_could_take(tmp_path, arrays, hashes, monkeypatch):
+    # A study's next run or another rank may read the cache while it is written: each file appears whole or not
+    # at all. np.save dies after the header and part of the data here (a full disk, a killed process).
+    _write_torchvision(tmp_path / "tv", arrays)
+    real_save = np.save
+
+    def save_cut_short(f, a):
+        if a.shape == (10000, 32, 32, 3):
+            real_save(f, a[:10])
+            raise OSError(28, "No space left on device")
+        real_save(f, a)
+
+    monkeypatch.setattr(data.np, "save", save_cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == ["cifar10_train_images.npy", "cifar10_train_labels.npy"]  # whole files only, no stray temp
+    monkeypatch.setattr(data.np, "save", real_save)
+    d = data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    assert torch.equal(d.test_images, torch.from_numpy(arrays["test_images"]))
+
+
 def test_no_source_lists_all_three_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_torchvision_download", lambda root: (_ for _ in ()).throw(OSError("offline")))
     monkeypatch.setattr(data.shutil, "which", lambda name: None)

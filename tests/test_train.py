@@ -94,6 +94,20 @@ def test_out_check_is_safe_for_ranks_checking_one_directory_at_once(tmp_path):
     assert errors == [] and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("local_rank, order", [("0", ["load", "barrier"]), ("1", ["barrier", "load"])])
+def test_under_torchrun_one_rank_per_machine_fetches_cifar_before_the_others_read_it(monkeypatch, local_rank,
+                                                                                         order):
+    events = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(train_mod, "load_cifar10", lambda data_dir: events.append("load") or "cifar")
+    monkeypatch.setattr(train_mod.dist, "barrier", lambda: events.append("barrier"))
+    cfg = TrainConfig(data="cifar10")
+    assert train_mod._load_data(cfg, train_mod._Dist(rank=int(local_rank) + 2, world=4)) == "cifar"
+    assert events == order
+    events.clear()
+    assert train_mod._load_data(cfg, train_mod._Dist()) == "cifar" and events == ["load"]  # one process: no wait
+
+
 def test_bad_input(tmp_path, capsys):
     assert main(["train", "--model", "resnet9000", "--data", "synthetic", "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'resnet9000'" in capsys.readouterr().err

@@ -90,9 +90,21 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache: str | os.P
         check_arrays(arrays, verify, where="the fetched data")
         root.mkdir(parents=True, exist_ok=True)
         for name, a in arrays.items():
-            np.save(root / f"cifar10_{name}.npy", a)
+            _save_atomic(root / f"cifar10_{name}.npy", a)
         logger.info("CIFAR-10 cached in %s", root)
     return Cifar10(**{k: torch.from_numpy(np.require(v, requirements=['C', 'W'])) for k, v in arrays.items()})
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    # another process (a study's next run, another rank) may read the cache meanwhile: never a half-written file
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        try:
+            np.save(f, array)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)
 
 
 def _load_cache(root: Path, verify: bool) -> dict | None:

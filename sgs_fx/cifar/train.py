@@ -72,6 +72,19 @@ def _setup_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
+def _load_data(cfg: TrainConfig, d: _Dist) -> Cifar10:
+    if cfg.data == "synthetic":
+        return synthetic_cifar(seed=cfg.seed)
+    if d.world == 1:
+        return load_cifar10(cfg.data_dir)
+    # Under torchrun, one process per machine fetches and caches CIFAR-10 while the others wait, then they read
+    # the cache: one download per machine, not one per rank into the same files.
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    data = load_cifar10(cfg.data_dir) if first else None
+    dist.barrier()
+    return data if first else load_cifar10(cfg.data_dir)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -225,7 +238,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None)
     device = _device(cfg.device)
     d = _setup_distributed(device)
     out = Path(cfg.out)
-    data = synthetic_cifar(seed=cfg.seed) if cfg.data == "synthetic" else load_cifar10(cfg.data_dir)
+    data = _load_data(cfg, d)
     core = build(cfg, device)
     opt = optimizer(core, cfg)
     sched_lr = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
