@@ -1025,6 +1025,46 @@ def test_ddp_with_gradient_as_bucket_view_scale_gradients_every_iteration():
             assert (got[name] - g).abs().max().item() <= 1e-12, name
 
 
+def _step_input(rank, step):
+    return torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * step + rank))
+
+
+def _wrapped_then_transformed_worker(rank, world, init, out):
+    with gloo_group(rank, world, init):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = net()
+        ddp = DDP(model, find_unused_parameters=True)
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+        sgs_fx.transform(ddp.module, inplace=True)  # after DDP and its optimizer, as Ultralytics' callback does
+        scaled(model)
+        for step in range(3):
+            opt.zero_grad()
+            ddp(_step_input(rank, step)).pow(2).sum().backward()
+            opt.step()
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+
+
+def test_ddp_wrapped_before_an_in_place_transform_trains_exactly():
+    # Ultralytics' trainer wraps its model in DDP and builds the optimizer before any callback runs; add_sgs then
+    # transforms the wrapped module in place: DDP's reducer and the optimizer hold the same Parameters, each rank
+    # scales before the reduction.
+    got = spawn_and_load(_wrapped_then_transformed_worker, 2)
+    scales = scaled(sgs_fx.transform(net()))
+    plain = net()
+    opt = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    for step in range(3):  # DDP's average of the two ranks' gradients, S on each conv weight, then SGD
+        opt.zero_grad()
+        sum(plain(_step_input(r, step)).pow(2).sum() for r in range(2)).div(2).backward()
+        for name, s in scales.items():
+            dict(plain.named_parameters())[f"{name}.weight"].grad.mul_(s)
+        opt.step()
+    for name, p in plain.state_dict().items():
+        assert (got[name] - p).abs().max().item() <= 1e-12, name
+    assert any((got[n] - p).abs().max().item() > 1e-6 for n, p in net().state_dict().items())  # it trained
+
+
 def test_a_middle_param_group_changed_after_a_step_is_scaled():
     sgs = sgs_fx.transform(net())
     scales = scaled(sgs)

@@ -10,6 +10,8 @@ is downloaded (tests/conftest.py sets Ultralytics offline).
 """
 import logging
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -236,6 +238,31 @@ def test_yolo_resume_restores_s_from_the_checkpoint(data, tmp_path):
     check.assert_exact(2)
     for step in check.steps:
         assert_scales_equal(step["scales"], saved)
+
+
+def test_the_callbacks_reach_the_trainer_each_ddp_worker_rebuilds(data, tmp_path):
+    # Multi-GPU: Ultralytics pickles the trainer's class, arguments, model and callbacks (cloudpickle) and runs a
+    # script that rebuilds the trainer from them in each torchrun worker. A worker needs GPUs, so that script runs
+    # here in one CPU process: add_sgs's callbacks arrive with it, and the run it trains carries the MI schedule's S.
+    pytest.importorskip("cloudpickle", reason="Ultralytics' multi-GPU launch needs cloudpickle (the zoo extra)")
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    model = YOLO("yolov8n.yaml")
+    add_sgs(model, warmup=0)
+    trainer = DetectionTrainer(overrides={**train_args(data, tmp_path), "model": "yolov8n.yaml"},
+                               _callbacks=model.callbacks)
+    script = generate_ddp_file(trainer)
+    try:
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    finally:
+        ddp_cleanup(trainer, script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(trainer.last, map_location="cpu", weights_only=False)
+    saved = ckpt["ema"] or ckpt["model"]
+    scales = sgs_fx.get_scales(saved)
+    assert len(scales) == 39 and non_uniform(scales)
+    assert getattr(saved, SCHEDULE_ATTR)["last_recompute"] == 0
 
 
 def test_a_non_sgd_optimizer_is_named_and_the_events_must_come_in_order(caplog):

@@ -27,9 +27,10 @@ leaves the training stream as it was.
 Checkpoints written with SGS unpickle SGS convs: load them with ``sgs_fx`` importable. Ultralytics' ``fuse()``
 accepts an SGS model (the final validation of ``best.pt`` runs it); strip before exporting so the exported graph is
 the plain model's. Only ``BaseTrainer``'s events and attributes are used; tested on one epoch of each task
-(detection with resume, segmentation, pose, OBB, classification, RT-DETR). Python
-callbacks do not reach Ultralytics' multi-GPU workers (it relaunches the trainer in subprocesses from its class
-name): there, SGS is not applied. Needs ``ultralytics``; sgs_fx does not.
+(detection with resume, segmentation, pose, OBB, classification, RT-DETR). Multi-GPU: Ultralytics (8.4) pickles
+the trainer's callbacks, these included, into the script each DDP worker rebuilds its trainer from (cloudpickle);
+each worker transforms its DDP-wrapped model in place and the MI statistics are summed over the ranks. Needs
+``ultralytics``; sgs_fx does not.
 """
 from __future__ import annotations
 
