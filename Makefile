@@ -1,4 +1,5 @@
-# Every target sets up .venv itself. torch/torchvision are pinned: pip takes exactly these from local disk.
+# Every target sets up .venv itself. torch/torchvision are pinned: on this project's machines pip takes exactly these
+# from local disk (elsewhere pip downloads them: a CUDA build, several GB).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

@@ -6,7 +6,7 @@ Variants (each its own copy of the same initial model, SGD momentum):
   sgs                sgs_fx.transform + random S (scaling="step", the default: S applied to .grad when the
                      optimizer steps, by sgs_fx's global step pre-hook)
   sgs_hook           transform(scaling="hook"): a gradient hook on each weight applies S in the backward pass
-  sgs_per_use        the same, forced to scale per use (the autograd function of sgs_fx 0.1)
+  sgs_per_use        the same, forced to scale per use (the autograd function tied weights get; every weight's, originally)
   official           the plain model, then ``torch._foreach_mul_`` of every conv weight's .grad by S after
                      backward (what the official implementation does)
   multiply_floor     the plain model, then the multiply "sgs" makes at the step on a CPU (one ``_foreach_mul_``
@@ -90,7 +90,7 @@ def _random_scales(model, seed=0):
 
 
 def per_use_copy(sgs: torch.nn.Module) -> torch.nn.Module:
-    """A copy of an SGS model forced to scale per use (the autograd function of sgs_fx 0.1)."""
+    """A copy of an SGS model forced to scale per use (the autograd function tied weights get; every weight's, originally)."""
     per_use = copy.deepcopy(sgs)
     for conv in sgs_fx.instrumented(per_use).values():
         conv.__dict__["_sgs_per_use"] = True

@@ -24,7 +24,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", dest="scales", choices=["mi", "none", "acb", "repvgg", "skeleton"],
                    help="mi (SGS), none (baseline) or fixed scales equivalent to a branch recipe")
     p.add_argument("--mode", choices=["sgs", "branches"], default=d.mode,
-                   help="branches: train real multi-branch blocks for --recipe (the structural baseline)")
+                   help="branches: train real multi-branch blocks for --recipe (the structural baseline; α normalised "
+                        "so that S has mean 1: the published block at lr/m, weight decay*m, docs/graphs.md)")
     p.add_argument("--recipe", choices=["acb", "repvgg", "skeleton"], help="with --mode branches (sets --scales)")
     p.add_argument("--scaling", choices=["step", "hook"], default=d.scaling,
                    help="when SGS scales the weight gradients: at the optimizer's step (default) or in the backward "

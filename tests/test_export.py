@@ -74,6 +74,25 @@ def test_report_text(tmp_path):
     assert "Conv×1" in text and "batch 5" in text and "PASSED" in text and report.exporter == "dynamo"
 
 
+@pytest.mark.parametrize("limit, files", [(None, ["m.onnx"]), (0, ["m.onnx", "m.onnx.data"])],
+                         ids=["one_file", "over_the_limit"])
+def test_the_weights_are_in_the_onnx_file_unless_the_model_is_too_large_for_one(tmp_path, monkeypatch, limit,
+                                                                                files):
+    # a user copies the .onnx and ships it: its weights must be inside, unless ONNX's 2 GiB limit forbids it
+    import onnx
+
+    if limit is not None:
+        monkeypatch.setattr(sgs_fx.export.onnx, "EXTERNAL_DATA_BYTES", limit)
+    torch.manual_seed(0)
+    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)))
+    report = sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 8, 8))
+    assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == files
+    weights = sum(t.numel() * 4 for t in sgs_fx.strip(model).state_dict().values())
+    assert (os.path.getsize(tmp_path / "m.onnx") > weights) == (limit is None)
+    assert report.size_bytes == sum(os.path.getsize(tmp_path / f) for f in files)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+
+
 @pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["data_parallel", "compiled"])
 def test_a_wrapped_model_exports_the_model_inside(tmp_path, wrap):
     # the model a training script holds after training; exporting the wrapper failed in both exporters

@@ -1,4 +1,4 @@
-"""`sgs-fx train`: the paper's CIFAR recipe with and without SGS, resumable, DDP-ready.
+"""`sgs-fx train`: the paper's CIFAR-100 recipe (spec §4.3) on CIFAR-10, with and without SGS, resumable, DDP-ready.
 
 SGD momentum 0.9, weight decay 5e-4, cosine lr from 0.1, batch 128, random crop + flip (+ cutout);
 a checkpoint after every epoch (model, optimizer, lr schedule, MI scheduler, history) from which

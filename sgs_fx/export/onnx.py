@@ -36,6 +36,10 @@ _COPY_FIX = ("delete that attribute before exporting (a forward may have left it
 
 Inputs = Union[Tensor, "tuple[Tensor, ...]"]
 
+# A protobuf message holds at most 2 GiB: a model whose tensors come near it keeps its weights in a file beside the
+# .onnx (path + ".data"); every other model is one self-contained file, which is what gets copied and shipped.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs, *, dynamic_batch: bool | None = None,
                 opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
@@ -49,7 +53,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
             fake-quant modules (``prepare_qat_fx`` / ``sgs_fx.prepare_qat`` after training, or
             ``sgs_fx.quantize_ptq``) is written as QDQ ONNX: QuantizeLinear / DequantizeLinear with the
             fake-quants' scales, int8 weights (BatchNorm folded), its observers frozen on the copy.
-        path: the .onnx file to write; its directory must exist.
+        path: the .onnx file to write; its directory must exist. One self-contained file, unless the model's
+            tensors exceed ``EXTERNAL_DATA_BYTES`` (ONNX files stop at 2 GiB): then its weights go to
+            ``path + ".data"`` beside it, which must travel with it (``report.size_bytes`` counts both).
         example_input: the model's input tensor, shape (N, ...), or a tuple of tensors, its positional
             inputs, each (N, ...) with the same N (the batch dim they share). They set the non-batch dims;
             the checks draw inputs like them: floats from a normal of their mean and std, integers (token
@@ -203,9 +209,11 @@ def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: 
     try:
         batch = torch.export.Dim("batch", min=1)
         dyn = tuple({0: batch} for _ in xs) if dynamic_batch else None  # one Dim: the inputs share the batch
+        external = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, ex, path, dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
+            torch.onnx.export(model, ex, path, dynamo=True, dynamic_shapes=dyn, verbose=False,
+                              external_data=external, **kwargs)
         return "dynamo", None
     except Exception as dynamo_exc:
         reason = _complaint(dynamo_exc)

@@ -62,7 +62,7 @@ def transform(
             weight's ``.grad`` by S (the official code's order and about its cost, eager or compiled);
             gradients read before the step (clipping, ``torch.autograd.grad``) are the unscaled G
             (``sgs_fx.scale_gradients`` applies S earlier). ``"hook"``: a gradient hook on the Parameter
-            applies S in the backward pass, so every gradient anyone reads is S ⊙ G (about a point dearer
+            applies S in the backward pass, so every gradient anyone reads is S ⊙ G (0.3-0.5 points dearer
             than ``"step"`` on a host-bound step; BENCHMARKS.md). The same update either way. Tied weights and F.conv calls of ordinary modules
             are scaled in the backward pass in both.
 

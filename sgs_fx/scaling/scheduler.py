@@ -1,9 +1,11 @@
 """MIScheduler: recompute every layer's S from the mutual information of its input, on a schedule (spec §4).
 
 Observation follows spec §3.1 and §3.5: the model in eval mode under ``no_grad`` (its mode restored
-afterwards), the first ``batches`` batches of a fresh pass over the training loader, two streaming
-passes over those same inputs, and, under ``torch.distributed``, MIN / MAX / SUM reductions so that every
-rank gets the S of the union of all ranks' batches. No feature map is ever stored.
+afterwards), the first ``batches`` batches of a fresh pass over the training loader, and two passes over
+those same inputs (ranges, then histograms): one forward per batch while the padded conv inputs fit in
+``keep_bytes`` (they are kept for the second pass), two streaming forwards beyond it; under
+``torch.distributed``, MIN / MAX / SUM reductions so that every rank gets the S of the union of all ranks'
+batches.
 """
 from __future__ import annotations
 
