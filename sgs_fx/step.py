@@ -112,14 +112,8 @@ def _apply_at_step(weights, owner) -> None:
     for p, conv, state in weights:
         if state.prescaled:  # sgs_fx.scale_gradients applied S, and the hook every gradient since
             state.prescaled = False
-        elif state.pending or state.replayed:
-            state.pending, state.version = False, None
-            if capturing:  # the captured multiply runs at every replay
-                state.replayed = False
-            g = p.grad
-            if g is not None:
-                grads.append(g)
-                scales.append(conv._buffers[SCALE_BUFFER])
+        elif _due(state, capturing):
+            _collect(p, conv, grads, scales)
     if grads:
         _multiply(grads, scales, owner)
 
