@@ -167,6 +167,22 @@ def test_ddp_two_gloo_processes_equal_union():
                 assert torch.equal(r0[name], r1[name]) and torch.equal(r0[name], single[name])
 
 
+def test_the_nccl_broadcast_of_s_runs_on_the_model_s_device_not_the_current_gpu(monkeypatch):
+    # NCCL needs each rank's own GPU; "cuda" is the current device, GPU 0 on every rank of a script that never
+    # called torch.cuda.set_device. Here the model's device is the CPU: "cuda" would fail on this machine.
+    from sgs_fx.scaling import scheduler
+
+    sent = []
+    monkeypatch.setattr(scheduler, "_distributed", lambda: True)
+    monkeypatch.setattr(scheduler.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(scheduler.dist, "broadcast", lambda t, src: sent.append((t.device, src)) or t.mul_(2))
+    scales = {"b": torch.ones(3, 3, dtype=torch.float64), "a": torch.full((3,), 0.5, dtype=torch.float64)}
+    scheduler._broadcast_from_rank0(scales, torch.device("cpu"))
+    assert sent == [(torch.device("cpu"), 0)]
+    assert torch.equal(scales["a"], torch.ones(3, dtype=torch.float64))  # rank 0's values written back, by name
+    assert torch.equal(scales["b"], torch.full((3, 3), 2.0, dtype=torch.float64))
+
+
 class ListModel(nn.Module):
     """Detection-style: a list of images of different sizes."""
 

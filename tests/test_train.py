@@ -108,6 +108,29 @@ def test_under_torchrun_one_rank_per_machine_fetches_cifar_before_the_others_rea
     assert train_mod._load_data(cfg, train_mod._Dist()) == "cifar" and events == ["load"]  # one process: no wait
 
 
+def test_under_torchrun_each_rank_takes_its_local_gpu_for_cuda_calls_and_nccl(monkeypatch):
+    # Without set_device / device_id, every rank's NCCL barrier and broadcast ran on GPU 0 (a hang or "Duplicate
+    # GPU detected"); `--device cuda` meant GPU 0 on every rank.
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_mod._device("cuda") == torch.device("cuda", 1)
+    assert train_mod._device("cuda:0") == torch.device("cuda", 0)  # an explicit GPU is kept
+    assert train_mod._device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(train_mod.torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(train_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_mod.dist, "init_process_group",
+                        lambda backend, **kw: calls.append((backend, kw.get("device_id"))))
+    monkeypatch.setattr(train_mod.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(train_mod.dist, "get_world_size", lambda: 2)
+    gpu = torch.device("cuda", 1)
+    assert train_mod._setup_distributed(gpu) == train_mod._Dist(1, 2)
+    assert calls == [("set_device", gpu), ("nccl", gpu)]
+    calls.clear()
+    train_mod._setup_distributed(torch.device("cpu"))
+    assert calls == [("gloo", None)]
+
+
 def test_bad_input(tmp_path, capsys):
     assert main(["train", "--model", "resnet9000", "--data", "synthetic", "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'resnet9000'" in capsys.readouterr().err

@@ -67,8 +67,15 @@ def _setup_distributed(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
+    if device.type == "cuda":
+        # this rank's GPU for every CUDA call and NCCL collective: without it each rank's barriers and
+        # broadcasts use GPU 0 (NCCL: "Duplicate GPU detected", or a hang)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
@@ -87,10 +94,11 @@ def _load_data(cfg: TrainConfig, d: _Dist) -> Cifar10:
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # under torchrun: the GPU of this process's local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -137,8 +137,8 @@ class MIScheduler:
                     logger.warning("sgs_fx.MIScheduler: layer %r keeps its previous S: %s", name, why)
                 continue
             new[name] = scale
-        if dist.is_available() and dist.is_initialized():
-            _broadcast_from_rank0(new)
+        if dist.is_available() and dist.is_initialized() and stats:
+            _broadcast_from_rank0(new, next(iter(stats.values())).lo.device)
         set_scales(root, new)
         for name, s in new.items():
             logger.info("sgs_fx.MIScheduler: %s S=%s", name, _compact(s))
@@ -266,14 +266,15 @@ def _reduce_histograms(stats: list[PairStats]) -> None:
         i += s.hist.numel()
 
 
-def _broadcast_from_rank0(scales: dict[str, Tensor]) -> None:
+def _broadcast_from_rank0(scales: dict[str, Tensor], device: torch.device) -> None:
     # Every rank computed the same counts, but FSDP2 does not broadcast buffers: rank 0's S is the one used.
+    # NCCL needs this rank's own GPU (the model's: the statistics' device), not "cuda", the current device, which
+    # is GPU 0 on every rank of a script that never called torch.cuda.set_device.
     if not _distributed() or not scales:
         return
     names = sorted(scales)
     flat = torch.cat([scales[n].flatten() for n in names])
-    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flat = flat.to(backend_device)
+    flat = flat.to(device if dist.get_backend() == "nccl" else "cpu")
     dist.broadcast(flat, src=0)
     i = 0
     for n in names:
