@@ -74,23 +74,52 @@ def test_report_text(tmp_path):
     assert "Conv×1" in text and "batch 5" in text and "PASSED" in text and report.exporter == "dynamo"
 
 
-@pytest.mark.parametrize("limit, files", [(None, ["m.onnx"]), (0, ["m.onnx", "m.onnx.data"])],
-                         ids=["one_file", "over_the_limit"])
-def test_the_weights_are_in_the_onnx_file_unless_the_model_is_too_large_for_one(tmp_path, monkeypatch, limit,
-                                                                                files):
-    # a user copies the .onnx and ships it: its weights must be inside, unless ONNX's 2 GiB limit forbids it
-    import onnx
+class _WithExtraState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+        self.classes = ["a", "b", "c", "d", "e"]  # saved with the weights: state_dict holds a non-tensor
 
-    if limit is not None:
-        monkeypatch.setattr(sgs_fx.export.onnx, "EXTERNAL_DATA_BYTES", limit)
+    def get_extra_state(self):
+        return {"classes": self.classes}
+
+    def set_extra_state(self, state):
+        self.classes = state["classes"]
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["one_file", "weights_beside_it"])
+def test_the_weights_are_in_the_onnx_file_unless_too_large_for_one(tmp_path, monkeypatch, large):
+    # a user copies the .onnx and ships it: its weights must be inside, unless ONNX's 2 GiB limit forbids it (the
+    # exporter's threshold, 1.5 GiB, lowered here); an earlier export's weights file left beside it is removed
+    import onnx
+    import onnxruntime
+
+    from torch.onnx._internal.exporter import _onnx_program
+
+    if large:
+        monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
+    (tmp_path / "m.onnx.data").write_bytes(b"an earlier export's weights")
     torch.manual_seed(0)
-    model = sgs_fx.transform(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)))
-    report = sgs_fx.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 8, 8))
-    assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == files
-    weights = sum(t.numel() * 4 for t in sgs_fx.strip(model).state_dict().values())
-    assert (os.path.getsize(tmp_path / "m.onnx") > weights) == (limit is None)
+    model = sgs_fx.transform(_WithExtraState())
+    x = torch.randn(2, 3, 8, 8)
+    report = sgs_fx.export_onnx(model, tmp_path / "m.onnx", x)
+    assert report.passed and report.exporter == "dynamo"
+    files = ["m.onnx", "m.onnx.data"] if large else ["m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
     assert report.size_bytes == sum(os.path.getsize(tmp_path / f) for f in files)
+    weights = sum(t.numel() * 4 for t in sgs_fx.strip(model).parameters())
+    assert (os.path.getsize(tmp_path / "m.onnx") > weights) == (not large)
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    if not large:  # the file alone, elsewhere
+        shipped = tmp_path / "shipped"
+        shipped.mkdir()
+        (shipped / "model.onnx").write_bytes((tmp_path / "m.onnx").read_bytes())
+        session = onnxruntime.InferenceSession(str(shipped / "model.onnx"))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert (torch.from_numpy(got) - model(x)).abs().max().item() < 1e-5  # float32 sums in another order
 
 
 @pytest.mark.parametrize("wrap", [nn.DataParallel, torch.compile], ids=["data_parallel", "compiled"])

@@ -36,10 +36,6 @@ _COPY_FIX = ("delete that attribute before exporting (a forward may have left it
 
 Inputs = Union[Tensor, "tuple[Tensor, ...]"]
 
-# A protobuf message holds at most 2 GiB: a model whose tensors come near it keeps its weights in a file beside the
-# .onnx (path + ".data"); every other model is one self-contained file, which is what gets copied and shipped.
-EXTERNAL_DATA_BYTES = 1_800_000_000
-
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs, *, dynamic_batch: bool | None = None,
                 opset: int | None = None, check_batch_sizes: tuple[int, ...] = (1, 3), atol: float = 1e-4,
@@ -53,9 +49,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Inputs
             fake-quant modules (``prepare_qat_fx`` / ``sgs_fx.prepare_qat`` after training, or
             ``sgs_fx.quantize_ptq``) is written as QDQ ONNX: QuantizeLinear / DequantizeLinear with the
             fake-quants' scales, int8 weights (BatchNorm folded), its observers frozen on the copy.
-        path: the .onnx file to write; its directory must exist. One self-contained file, unless the model's
-            tensors exceed ``EXTERNAL_DATA_BYTES`` (ONNX files stop at 2 GiB): then its weights go to
-            ``path + ".data"`` beside it, which must travel with it (``report.size_bytes`` counts both).
+        path: the .onnx file to write; its directory must exist. One self-contained file, unless the weights
+            exceed 1.5 GiB (ONNX files stop at 2 GiB): then the exporter writes them beside it (``path + ".data"``,
+            or a file per tensor from the TorchScript exporter), and they must travel with it
+            (``report.size_bytes`` counts them). A ``path + ".data"`` left by an earlier export of ``path`` that
+            the new file does not use is deleted.
         example_input: the model's input tensor, shape (N, ...), or a tuple of tensors, its positional
             inputs, each (N, ...) with the same N (the batch dim they share). They set the non-batch dims;
             the checks draw inputs like them: floats from a normal of their mean and std, integers (token
@@ -191,6 +189,7 @@ def _export_and_load(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynami
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
+    _remove_stale_data(path, proto)
     onnx.checker.check_model(path)
     report = ExportReport(path=path, opset=_opset(proto), exporter=exporter, op_counts=op_counts(proto),
                           fallback_reason=reason, size_bytes=file_size(path, proto), static_batch=static_reason,
@@ -203,17 +202,28 @@ def _traced_inputs(xs: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[Tensor,
     return tuple(x.expand(2, *x.shape[1:]).contiguous() for x in xs) if dynamic_batch and len(xs[0]) == 1 else xs
 
 
+def _remove_stale_data(path: str, proto) -> None:
+    # an earlier export to this path (or an sgs_fx before single-file export) wrote its weights here: beside a
+    # file that does not use it, it would be shipped by mistake, or read as this model's
+    stale = path + ".data"
+    used = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    if os.path.exists(stale) and os.path.basename(stale) not in used:
+        os.remove(stale)
+        logger.info("export_onnx: removed %s, an earlier export's weights that %s does not use", stale, path)
+
+
 def _export(model: nn.Module, xs: tuple[Tensor, ...], path: str, dynamic_batch: bool, opset: int | None):
     ex = _traced_inputs(xs, dynamic_batch)
     kwargs = {} if opset is None else {"opset_version": opset}
     try:
         batch = torch.export.Dim("batch", min=1)
         dyn = tuple({0: batch} for _ in xs) if dynamic_batch else None  # one Dim: the inputs share the batch
-        external = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # one self-contained file, what gets copied and shipped; past 1.5 GiB of weights (protobuf stops at 2)
+            # the exporter puts them in path + ".data" all the same
             torch.onnx.export(model, ex, path, dynamo=True, dynamic_shapes=dyn, verbose=False,
-                              external_data=external, **kwargs)
+                              external_data=False, **kwargs)
         return "dynamo", None
     except Exception as dynamo_exc:
         reason = _complaint(dynamo_exc)
