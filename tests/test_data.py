@@ -103,6 +103,33 @@ def test_a_cache_write_cut_short_leaves_no_file_a_reader_could_take(tmp_path, ar
     assert torch.equal(d.test_images, torch.from_numpy(arrays["test_images"]))
 
 
+def test_cache_files_get_the_mode_of_any_new_file(tmp_path, arrays, hashes):
+    # written through a private temporary file (0600) and renamed: a cache shared by several users (SGS_FX_CACHE)
+    # must stay readable by them, as np.save's files were
+    import os
+    import stat
+
+    _write_torchvision(tmp_path / "tv", arrays)
+    old = os.umask(0o022)
+    try:
+        data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "cache").iterdir()}
+    assert modes == {0o644}
+
+
+def test_an_unreadable_cache_is_named_and_left_alone(tmp_path, arrays, hashes, monkeypatch):
+    # (another user's files: deleting them as "corrupt" and fetching again into the same directory would be wrong)
+    _write_torchvision(tmp_path / "tv", arrays)
+    data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    monkeypatch.setattr(data.np, "load", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(PermissionError, match=r"cache in .*cache is not readable \(Permission denied\): set SGS_FX_CACHE"):
+        data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+
+
 def test_no_source_lists_all_three_ways(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_torchvision_download", lambda root: (_ for _ in ()).throw(OSError("offline")))
     monkeypatch.setattr(data.shutil, "which", lambda name: None)

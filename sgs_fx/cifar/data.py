@@ -100,11 +100,18 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         try:
             np.save(f, array)
+            os.chmod(f.name, 0o666 & ~_umask())  # a temporary file is private (0600): give it a new file's mode
         except BaseException:
             f.close()
             os.unlink(f.name)
             raise
     os.replace(f.name, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _load_cache(root: Path, verify: bool) -> dict | None:
@@ -115,6 +122,9 @@ def _load_cache(root: Path, verify: bool) -> dict | None:
         arrays = {name: np.load(p) for name, p in paths.items()}
         check_arrays(arrays, verify, where=str(root))
         return arrays
+    except PermissionError as exc:  # another user's cache: not corrupt, and not ours to delete
+        raise PermissionError(f"the CIFAR-10 cache in {root} is not readable ({exc.strerror}): set SGS_FX_CACHE to a "
+                              "directory of your own, or make its files readable") from exc
     except (ValueError, OSError, EOFError) as exc:
         logger.warning("CIFAR-10 cache in %s is corrupt (%s); fetching it again", root, exc)
         for p in paths.values():
