@@ -29,7 +29,8 @@ accepts an SGS model (the final validation of ``best.pt`` runs it); strip before
 the plain model's. Only ``BaseTrainer``'s events and attributes are used; tested on one epoch of each task
 (detection with resume, segmentation, pose, OBB, classification, RT-DETR). Multi-GPU: Ultralytics (8.4) pickles
 the trainer's callbacks, these included, into the script each DDP worker rebuilds its trainer from (cloudpickle);
-each worker transforms its DDP-wrapped model in place and the MI statistics are summed over the ranks. Needs
+each worker transforms its DDP-wrapped model in place and the MI statistics are summed over the ranks. There S is
+applied before the reduction, so the trainer clips S ⊙ G; the launching process's callbacks keep no scheduler. Needs
 ``ultralytics``; sgs_fx does not.
 """
 from __future__ import annotations
