@@ -81,9 +81,9 @@ def test_corrupt_cache_is_fetched_again(tmp_path, arrays, hashes, caplog):
     assert "corrupt" in caplog.text and torch.equal(d.test_images, torch.from_numpy(arrays["test_images"]))
 
 
-def test_a_cache_write_cut_short_leaves_no_file_a_reader_could_take(tmp_path, arrays, hashes, monkeypatch):
+def test_a_cache_write_cut_short_leaves_no_file_a_reader_could_take(tmp_path, arrays, hashes, monkeypatch, caplog):
     # A study's next run or another rank may read the cache while it is written: each file appears whole or not
-    # at all. np.save dies after the header and part of the data here (a full disk, a killed process).
+    # at all. np.save dies after the header and part of the data here (a full disk); the data fetched is used.
     _write_torchvision(tmp_path / "tv", arrays)
     real_save = np.save
 
@@ -94,8 +94,9 @@ def test_a_cache_write_cut_short_leaves_no_file_a_reader_could_take(tmp_path, ar
         real_save(f, a)
 
     monkeypatch.setattr(data.np, "save", save_cut_short)
-    with pytest.raises(OSError, match="No space left"):
-        data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    d = data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
+    assert torch.equal(d.test_images, torch.from_numpy(arrays["test_images"]))
+    assert "could not be cached" in caplog.text and "No space left" in caplog.text
     left = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert left == ["cifar10_train_images.npy", "cifar10_train_labels.npy"]  # whole files only, no stray temp
     monkeypatch.setattr(data.np, "save", real_save)

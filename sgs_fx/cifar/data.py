@@ -88,10 +88,14 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache: str | os.P
     if arrays is None:
         arrays = _fetch(data_dir or os.environ.get("SGS_FX_CIFAR_DIR"), root)
         check_arrays(arrays, verify, where="the fetched data")
-        root.mkdir(parents=True, exist_ok=True)
-        for name, a in arrays.items():
-            _save_atomic(root / f"cifar10_{name}.npy", a)
-        logger.info("CIFAR-10 cached in %s", root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for name, a in arrays.items():
+                _save_atomic(root / f"cifar10_{name}.npy", a)
+            logger.info("CIFAR-10 cached in %s", root)
+        except OSError as exc:  # (a read-only or full disk) the data is here: train on it, fetch again next time
+            logger.warning("CIFAR-10 could not be cached in %s (%s); it will be fetched again next time (set "
+                           "SGS_FX_CACHE to a writable directory)", root, exc.strerror or exc)
     return Cifar10(**{k: torch.from_numpy(np.require(v, requirements=['C', 'W'])) for k, v in arrays.items()})
 
 
