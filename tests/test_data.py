@@ -126,7 +126,8 @@ def test_an_unreadable_cache_is_named_and_left_alone(tmp_path, arrays, hashes, m
     data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     monkeypatch.setattr(data.np, "load", lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
-    with pytest.raises(PermissionError, match=r"cache in .*cache is not readable \(Permission denied\): set SGS_FX_CACHE"):
+    with pytest.raises(PermissionError,
+                       match=r"cache in .*cache is not readable \(Permission denied\): set SGS_FX_CACHE"):
         data.load_cifar10(tmp_path / "tv", cache=tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
 

@@ -130,7 +130,8 @@ def add_sgs(target, **options) -> SGSCallbacks:
     """SGS for the next ``train()`` of ``target`` (a ``YOLO``/``RTDETR`` model, or an Ultralytics trainer).
 
     ``options`` are ``SGSCallbacks``'s. Train with ``optimizer="SGD"``: SGS is defined for SGD, and
-    ``optimizer="auto"`` picks AdamW (up to 10,000 iterations) or MuSGD (longer runs). Returns the callbacks (their ``scheduler`` holds S).
+    ``optimizer="auto"`` picks AdamW (up to 10,000 iterations) or MuSGD (longer runs). Returns the callbacks
+    (their ``scheduler`` holds S; after a multi-GPU run, S is in the checkpoints).
     """
     return SGSCallbacks(**options).register(target)
 
@@ -156,7 +157,8 @@ def _warn_unless_sgd(optimizer) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.SGD):
         logger.warning("sgs_fx.integrations.ultralytics: the trainer built %s; SGS is defined for SGD (an adaptive "
                        "optimizer almost cancels a fixed per-element gradient scale). Train with optimizer='SGD' "
-                       "(optimizer='auto' picks AdamW up to 10,000 iterations, MuSGD beyond)", type(optimizer).__name__)
+                       "(optimizer='auto' picks AdamW up to 10,000 iterations, MuSGD beyond)",
+                       type(optimizer).__name__)
 
 
 def _resumed_schedule(trainer) -> dict | None:
