@@ -35,4 +35,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/mi_speed.py --quick
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) build *.egg-info  # not runs/: your training runs and checkpoints live there
