@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .optimizers import is_adaptive
-from .passes.instrument import get_scales, instrumented, set_scales, transform
+from .passes.instrument import transform
+from .passes.registry import get_scales, instrumented, set_scales
 from .passes.strip import strip
 from .passes.copying import copy_model
 

@@ -17,14 +17,14 @@ from ..hooks import attach_hook
 from ..ownership import SCALE_BUFFER, hook_target, is_pruned, is_sgs_conv, target_of
 from ..optimizers import remember_copies
 from .branches import instrument_branches
-from .registry import get_scales, instrumented, is_instrumented, mode_of, set_scales, validate_scale
+from .registry import instrumented, is_instrumented, mode_of, set_scales
 from .copying import copy_model
 from .select import FilterFn, default_filter, is_deform_conv, is_plain_conv, unwrap
 from .functional import PREFIX, instrument_functional
 from .graph import computed_kernel_calls, graph_conv_count, instrument_graph
 from .trace import CallSites, find_conv_call_sites
 
-__all__ = ["transform", "instrumented", "get_scales", "set_scales", "validate_scale"]
+__all__ = ["transform"]
 
 logger = logging.getLogger("sgs_fx")
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..batches import call, first_input, leave_no_trace, rng_untouched, to_model
 from ..conv import SGSOwnForwardMixin
 from ..ownership import is_sgs_conv
-from ..passes.instrument import instrumented, set_scales
+from ..passes.registry import get_scales, instrumented, set_scales
 from ..passes.functional import ObserveFunctionalConvs, observe_conv_ops
 from ..passes.select import unwrap
 from .mi import ConvGeometry, PairStats, check_hyper
@@ -207,8 +207,6 @@ class MIScheduler:
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: every layer's current S and the schedule position."""
-        from ..passes.instrument import get_scales
-
         return {"scales": get_scales(self.model), "last_epoch": self.last_epoch,
                 "last_recompute": self.last_recompute, "warned": sorted(self._warned),
                 "config": {"k": self.k, "every": self.every, "warmup": self.warmup, "batches": self.batches,
