@@ -28,8 +28,8 @@ which of its weights other ranks' gradients reached.
 * S is never lost unseen: a gradient arriving while the previous one is still pending, thrown away, with the weight
   changed since the forward that led to it (or since its last step ended: a step post-hook records the version),
   means the weight was updated with the unscaled gradient: one warning names the way out
-  (``record.check_unchanged``). So does an optimizer built on the
-  model before ``transform`` copied it (``optimizers.check_stale``).
+  (``record.check_unchanged``). So does an optimizer built on the model before ``transform`` copied it
+  (``optimizers.check_stale``).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 ``torch.Tensor.__deepcopy__`` refuses a tensor with autograd history (a non-leaf), and models keep such tensors
 between calls: MONAI's DynUNet keeps its deep-supervision heads in a list, torchvision's RAFT its correlation
-pyramid. Such a tensor is copied as its detached self (same values, no history; storage shared among such tensors stays shared),
-which is what it would have been had the forward run under ``torch.no_grad()``.
+pyramid. Such a tensor is copied as its detached self (same values, no history; storage shared among such tensors
+stays shared), which is what it would have been had the forward run under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
